@@ -1,0 +1,453 @@
+"""
+ctrlgw's configuration: ini files parsed into typed, frozen objects.
+
+Every key has one declaration here (its parser and its default); C{etc/ctrlgw.ini}
+documents each of them.  Anything the file gets wrong -- an unknown section or key, a value
+of the wrong type or out of range -- raises L{ConfigError}, whose message is one line naming
+the file, the section and the key.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ctrlgw.framing import FramingOptionError, IFraming, findFraming
+
+
+class ConfigError(Exception):
+    """
+    The configuration cannot be used.  C{str()} is one line naming file, section and key.
+    """
+
+    def __init__(self, source: str, section: str | None, key: str | None, problem: str) -> None:
+        self.source = source
+        self.section = section
+        self.key = key
+        self.problem = problem
+        where = source
+        if section is not None:
+            where += f": [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {problem}")
+
+
+# --- value parsers: each takes the raw string and raises ValueError("expected ...") ---
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parseDuration(raw: str) -> float:
+    """
+    Parse C{500ms}, C{15s}, C{2m}, C{1h}, C{7d} or a bare number of seconds into seconds.
+    """
+    match = _DURATION.match(raw)
+    if match is None:
+        raise ValueError(f"expected a duration such as 500ms, 15s, 2m or 1h, got {raw!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def parseInt(raw: str) -> int:
+    try:
+        return int(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {raw!r}") from None
+
+
+def parseBool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "yes", "true", "on"):
+        return True
+    if value in ("0", "no", "false", "off"):
+        return False
+    raise ValueError(f"expected yes or no, got {raw!r}")
+
+
+def parseText(raw: str) -> str:
+    return raw.strip()
+
+
+def oneOf(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+    return parse
+
+
+def inRange(
+    parse: Callable[[str], Any], low: float | None = None, high: float | None = None
+) -> Callable[[str], Any]:
+    def parseBounded(raw: str) -> Any:
+        value = parse(raw)
+        if low is not None and value < low:
+            raise ValueError(f"must be at least {low:g}, got {raw.strip()!r}")
+        if high is not None and value > high:
+            raise ValueError(f"must be at most {high:g}, got {raw.strip()!r}")
+        return value
+
+    return parseBounded
+
+
+_IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:-]{0,64}$")
+
+
+def parseIdentifier(raw: str) -> str:
+    value = raw.strip()
+    if not _IDENTIFIER.match(value):
+        raise ValueError(f"expected a lower-case SQL identifier ([a-z_][a-z0-9_]*), got {raw!r}")
+    return value
+
+
+def parseInstanceId(raw: str) -> str:
+    value = raw.strip()
+    if not _INSTANCE_ID.match(value):
+        raise ValueError(f"expected up to 64 characters of [A-Za-z0-9._:-], got {raw!r}")
+    return value
+
+
+# --- the declarations ---
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    parse: Callable[[str], Any]
+    default: str
+
+
+_SECTIONS: dict[str, tuple[Key, ...]] = {
+    "gateway": (Key("instance_id", parseInstanceId, ""),),
+    "liveness": (
+        Key("hello_timeout", inRange(parseDuration, 0.1, 3600), "10s"),
+        Key("ping_interval", inRange(parseDuration, 0.1, 3600), "30s"),
+        Key("idle_timeout", inRange(parseDuration, 0.2, 86400), "90s"),
+        Key("close_grace", inRange(parseDuration, 0, 60), "1s"),
+        Key("keepalive", parseBool, "yes"),
+        Key("keepalive_idle", inRange(parseDuration, 1, 86400), "60s"),
+        Key("keepalive_interval", inRange(parseDuration, 1, 3600), "10s"),
+        Key("keepalive_count", inRange(parseInt, 1, 127), "5"),
+        Key("user_timeout", inRange(parseDuration, 0, 3600), "30s"),
+        Key("nodelay", parseBool, "yes"),
+    ),
+    "timestamps": (
+        Key("max_age", inRange(parseDuration, 0.001, 7 * 86400), "5m"),
+        Key("max_future", inRange(parseDuration, 0, 86400), "30s"),
+        Key("max_instance_skew", inRange(parseDuration, 0.001, 3600), "2s"),
+        Key("clock_check_interval", inRange(parseDuration, 0.1, 3600), "30s"),
+    ),
+    "http": (
+        Key("endpoint", parseText, "tcp:8080:interface=127.0.0.1"),
+        Key("api_token", parseText, ""),
+    ),
+    "shutdown": (
+        Key("bye_batch", inRange(parseInt, 1, 1_000_000), "500"),
+        Key("bye_interval", inRange(parseDuration, 0, 60), "100ms"),
+    ),
+    "database": (
+        Key("dsn", parseText, ""),
+        Key("data_dir", parseText, "var/pgdata"),
+        Key("schema", parseIdentifier, "ctrlgw"),
+        Key("migrate", oneOf("auto", "off"), "auto"),
+        Key("pool_size", inRange(parseInt, 1, 100), "4"),
+        Key("connect_timeout", inRange(parseDuration, 0.1, 300), "5s"),
+        Key("statement_timeout", inRange(parseDuration, 0.01, 3600), "10s"),
+        Key("idle_in_transaction_timeout", inRange(parseDuration, 0.1, 3600), "30s"),
+        Key("reconnect_max_delay", inRange(parseDuration, 0.1, 300), "10s"),
+    ),
+    "inbox": (
+        Key("batch_size", inRange(parseInt, 1, 10_000), "500"),
+        Key("flush_interval", inRange(parseDuration, 0, 10), "5ms"),
+        Key("max_buffered", inRange(parseInt, 1, 10_000_000), "10000"),
+    ),
+    "auth": (
+        Key("mode", oneOf("none", "token"), "none"),
+        Key("max_failures", inRange(parseInt, 1, 1_000_000), "5"),
+        Key("failure_window", inRange(parseDuration, 1, 86400), "60s"),
+    ),
+    "retention": (
+        Key("events_days", inRange(parseInt, 1, 36500), "30"),
+        Key("inbox_days", inRange(parseInt, 1, 36500), "30"),
+        Key("prune_interval", inRange(parseDuration, 1, 86400), "1h"),
+        Key("prune_batch", inRange(parseInt, 1, 1_000_000), "5000"),
+    ),
+}
+
+_LISTENER_PREFIX = "listener:"
+_LISTENER_KEYS: tuple[Key, ...] = (
+    Key("endpoint", parseText, ""),
+    Key("framing", parseText, "lines"),
+    Key("max_frame", inRange(parseInt, 16, 16 * 1024 * 1024), "65536"),
+)
+
+
+def sectionKeys() -> Mapping[str, tuple[Key, ...]]:
+    """
+    Every fixed section and its keys, for documentation and tests.
+    """
+    return dict(_SECTIONS, **{_LISTENER_PREFIX + "NAME": _LISTENER_KEYS})
+
+
+# --- the typed result ---
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    name: str
+    endpoint: str
+    framing: str
+    max_frame: int
+    makeFraming: Callable[[], IFraming] = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    hello_timeout: float
+    ping_interval: float
+    idle_timeout: float
+    close_grace: float
+    keepalive: bool
+    keepalive_idle: float
+    keepalive_interval: float
+    keepalive_count: int
+    user_timeout: float
+    nodelay: bool
+
+
+@dataclass(frozen=True)
+class TimestampConfig:
+    max_age: float
+    max_future: float
+    max_instance_skew: float
+    clock_check_interval: float
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    endpoint: str
+    api_token: str
+
+
+@dataclass(frozen=True)
+class ShutdownConfig:
+    bye_batch: int
+    bye_interval: float
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    dsn: str
+    data_dir: str
+    schema: str
+    migrate: str
+    pool_size: int
+    connect_timeout: float
+    statement_timeout: float
+    idle_in_transaction_timeout: float
+    reconnect_max_delay: float
+
+
+@dataclass(frozen=True)
+class InboxConfig:
+    batch_size: int
+    flush_interval: float
+    max_buffered: int
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    mode: str
+    max_failures: int
+    failure_window: float
+
+
+@dataclass(frozen=True)
+class RetentionConfig:
+    events_days: int
+    inbox_days: int
+    prune_interval: float
+    prune_batch: int
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    source: str
+    instance_id: str
+    listeners: tuple[ListenerConfig, ...]
+    liveness: LivenessConfig
+    timestamps: TimestampConfig
+    http: HttpConfig
+    shutdown: ShutdownConfig
+    database: DatabaseConfig
+    inbox: InboxConfig
+    auth: AuthConfig
+    retention: RetentionConfig
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """
+    Values given on the command line; they win over the file.
+    """
+
+    listen: tuple[str, ...] = ()
+    instance_id: str | None = None
+    http: str | None = None
+    dsn: str | None = None
+
+
+def _parseKeys(
+    source: str, section: str, raw: Mapping[str, str], keys: Iterable[Key]
+) -> dict[str, Any]:
+    values = {}
+    for key in keys:
+        text = raw.get(key.name, key.default)
+        try:
+            values[key.name] = key.parse(text)
+        except ValueError as e:
+            raise ConfigError(source, section, key.name, str(e)) from None
+    return values
+
+
+def _applyListen(
+    source: str, listeners: dict[str, dict[str, str]], listen: Iterable[str]
+) -> None:
+    for spec in listen:
+        name, sep, endpoint = spec.partition("=")
+        if not sep or ":" in name:
+            # A bare endpoint: only unambiguous when there is one listener (or none yet).
+            endpoint = spec
+            if len(listeners) > 1:
+                raise ConfigError(
+                    "command line",
+                    None,
+                    "--listen",
+                    "several listeners are configured; use --listen NAME=ENDPOINT",
+                )
+            name = next(iter(listeners), "main")
+        listeners.setdefault(name, {})["endpoint"] = endpoint
+
+
+def parseConfig(
+    text: str, source: str = "<config>", overrides: Overrides = Overrides()
+) -> GatewayConfig:
+    """
+    Parse the text of an ini file.
+
+    @raise ConfigError: with a one-line message naming C{source}, section and key.
+    """
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source=source)
+    except configparser.Error as e:
+        raise ConfigError(source, None, None, str(e).splitlines()[0]) from None
+
+    raw: dict[str, dict[str, str]] = {}
+    listenerRaw: dict[str, dict[str, str]] = {}
+    for section in parser.sections():
+        items = dict(parser.items(section))
+        if section.startswith(_LISTENER_PREFIX):
+            name = section[len(_LISTENER_PREFIX) :]
+            if not _INSTANCE_ID.match(name) or not name:
+                raise ConfigError(source, section, None, "listener names are [A-Za-z0-9._:-]+")
+            listenerRaw[name] = items
+            continue
+        known = _SECTIONS.get(section)
+        if known is None:
+            raise ConfigError(
+                source,
+                section,
+                None,
+                "unknown section (known: "
+                + ", ".join(sorted(_SECTIONS) + [_LISTENER_PREFIX + "NAME"])
+                + ")",
+            )
+        names = {k.name for k in known}
+        for key in items:
+            if key not in names:
+                raise ConfigError(
+                    source, section, key, f"unknown key (known: {', '.join(sorted(names))})"
+                )
+        raw[section] = items
+
+    if overrides.instance_id is not None:
+        raw.setdefault("gateway", {})["instance_id"] = overrides.instance_id
+    if overrides.http is not None:
+        raw.setdefault("http", {})["endpoint"] = overrides.http
+    if overrides.dsn is not None:
+        raw.setdefault("database", {})["dsn"] = overrides.dsn
+    _applyListen(source, listenerRaw, overrides.listen)
+
+    sections = {
+        name: _parseKeys(source, name, raw.get(name, {}), keys) for name, keys in _SECTIONS.items()
+    }
+    listeners = tuple(
+        _parseListener(source, name, items) for name, items in sorted(listenerRaw.items())
+    )
+    if not listeners:
+        raise ConfigError(source, None, None, "no [listener:NAME] section: nothing to listen on")
+
+    liveness = LivenessConfig(**sections["liveness"])
+    if liveness.idle_timeout <= liveness.ping_interval:
+        raise ConfigError(
+            source,
+            "liveness",
+            "idle_timeout",
+            f"must be longer than ping_interval ({liveness.ping_interval:g}s), "
+            f"or a live controller would be cut off between two pings",
+        )
+
+    return GatewayConfig(
+        source=source,
+        instance_id=sections["gateway"]["instance_id"],
+        listeners=listeners,
+        liveness=liveness,
+        timestamps=TimestampConfig(**sections["timestamps"]),
+        http=HttpConfig(**sections["http"]),
+        shutdown=ShutdownConfig(**sections["shutdown"]),
+        database=DatabaseConfig(**sections["database"]),
+        inbox=InboxConfig(**sections["inbox"]),
+        auth=AuthConfig(**sections["auth"]),
+        retention=RetentionConfig(**sections["retention"]),
+    )
+
+
+def _parseListener(source: str, name: str, items: Mapping[str, str]) -> ListenerConfig:
+    section = _LISTENER_PREFIX + name
+    own = {k.name for k in _LISTENER_KEYS}
+    values = _parseKeys(source, section, items, _LISTENER_KEYS)
+    if not values["endpoint"]:
+        raise ConfigError(source, section, "endpoint", "required, e.g. tcp:7000")
+    try:
+        factory = findFraming(values["framing"])
+    except KeyError as e:
+        raise ConfigError(source, section, "framing", str(e.args[0])) from None
+    extra = {k: v for k, v in items.items() if k not in own}
+    try:
+        makeFraming = factory.configure(values["max_frame"], extra)
+    except FramingOptionError as e:
+        raise ConfigError(source, section, e.key, e.reason) from None
+    return ListenerConfig(name=name, makeFraming=makeFraming, **values)
+
+
+def loadConfig(path: str, overrides: Overrides = Overrides()) -> GatewayConfig:
+    """
+    Read and parse the ini file at C{path}.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, None, "not UTF-8 text") from None
+    return parseConfig(text, path, overrides)

@@ -1,0 +1,99 @@
+"""
+The seams between ctrlgw's rooms.
+
+The connection layer (L{ctrlgw.protocol}) talks only to these interfaces: an L{IOwnership}
+that admits a controller and numbers its sessions, an L{IMessageSink} that takes inbound
+messages and says when they are safe, and an L{ICommandSettler} that hears acks and nacks of
+commands.  Each has an in-memory implementation for tests and single-process use next to
+the PostgreSQL one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
+
+
+@dataclass(frozen=True, slots=True)
+class Session:
+    """
+    One admitted connection of one controller.  C{epoch} strictly increases per controller:
+    a higher epoch always supersedes a lower one.
+    """
+
+    controller: str
+    session: str
+    epoch: int
+    instance: str
+    listener: str = ""
+    peer: str = ""
+
+
+class Unavailable(Exception):
+    """
+    The gateway cannot take this now (database away, buffer full); the controller should
+    retry later.  Answered with an C{error} frame of code C{unavailable}.
+    """
+
+
+class AuthFailed(Exception):
+    """
+    The hello's controller id or token was refused.  C{reason} is for logs and metrics
+    only; the controller is told no more than C{auth_failed}.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Fenced(Exception):
+    """
+    The session is no longer the controller's current one: another connection took over.
+    """
+
+
+class IOwnership(Interface):
+    """
+    Decides which connection owns a controller.
+    """
+
+    instance = Attribute("This gateway instance's id.")
+
+    def claim(controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:
+        """
+        Admit a controller and open a new session for it with an epoch higher than any
+        before.  Fails with L{AuthFailed}, L{Unavailable}.
+        """
+
+    def release(session: Session, reason: str) -> None:
+        """
+        The connection of C{session} has ended for C{reason}.  Releasing a session that has
+        been superseded changes nothing.
+        """
+
+
+class IMessageSink(Interface):
+    """
+    Takes inbound messages from controllers.
+    """
+
+    def submit(session: Session, messageId: str, deviceTs: int, body: object) -> Deferred[None]:
+        """
+        Hand over one message.  The Deferred fires once the message is safe (committed),
+        and only then may it be acked.  Fails with L{Unavailable} (not taken, not acked;
+        the controller retransmits) or L{Fenced} (the session was superseded).
+        """
+
+
+class ICommandSettler(Interface):
+    """
+    Hears what controllers answered to commands.
+    """
+
+    def settle(session: Session, ref: str, ok: bool, reason: str) -> None:
+        """
+        The controller acked (C{ok}) or nacked the command C{ref} on C{session}.
+        """

@@ -1,0 +1,137 @@
+"""
+Every metric ctrlgw exports, defined once, on a registry that is passed in.
+
+Names are prefixed C{ctrlgw_}; docs/operations.md lists them with what to alert on.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_SECONDS_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SKEW_SECONDS = (-60, -10, -2, -0.5, -0.1, -0.02, 0, 0.02, 0.1, 0.5, 2, 10, 60)
+_BATCH_SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+
+
+class Metrics:
+    """
+    The gateway's metrics on one L{CollectorRegistry}.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+
+        # Connections and frames.
+        self.connections = Gauge(
+            "ctrlgw_open_connections", "Open controller connections.", ["listener"], registry=r
+        )
+        self.connectionsTotal = Counter(
+            "ctrlgw_connections_total", "Accepted controller connections.", ["listener"], registry=r
+        )
+        self.disconnects = Counter(
+            "ctrlgw_disconnects_total", "Closed controller connections by reason.", ["reason"],
+            registry=r,
+        )
+        self.takeovers = Counter(
+            "ctrlgw_takeovers_total",
+            "Connections superseded by a newer hello for the same controller.",
+            ["scope"],
+            registry=r,
+        )
+        self.framesIn = Counter(
+            "ctrlgw_frames_in_total", "Frames received, by type.", ["type"], registry=r
+        )
+        self.framesOut = Counter(
+            "ctrlgw_frames_out_total", "Frames written, by type.", ["type"], registry=r
+        )
+        self.framesDropped = Counter(
+            "ctrlgw_frames_dropped_total",
+            "Frames that arrived on a connection already closed on purpose (superseded, shutting down).",
+            registry=r,
+        )
+        self.frameErrors = Counter(
+            "ctrlgw_frame_errors_total", "Error frames sent, by code.", ["code"], registry=r
+        )
+        self.timestampRejects = Counter(
+            "ctrlgw_timestamp_rejects_total",
+            "Messages refused for their timestamp (stale, future).",
+            ["reason"],
+            registry=r,
+        )
+        self.expiredAtWrite = Counter(
+            "ctrlgw_commands_expired_at_write_total",
+            "Commands not written because they had expired when their turn came.",
+            registry=r,
+        )
+        self.pingRoundTrip = Histogram(
+            "ctrlgw_ping_round_trip_seconds",
+            "Round trip of gateway pings.",
+            buckets=_SECONDS_FAST,
+            registry=r,
+        )
+        self.controllerSkew = Histogram(
+            "ctrlgw_controller_clock_skew_seconds",
+            "Controller clock minus gateway clock, estimated from pongs.",
+            buckets=_SKEW_SECONDS,
+            registry=r,
+        )
+
+        # Database.
+        self.dbUp = Gauge("ctrlgw_db_up", "1 when the database answers.", registry=r)
+        self.dbQuerySeconds = Histogram(
+            "ctrlgw_db_query_seconds", "Database calls by name.", ["query"],
+            buckets=_SECONDS_FAST, registry=r,
+        )
+        self.dbQueryErrors = Counter(
+            "ctrlgw_db_query_errors_total", "Failed database calls by name.", ["query"], registry=r
+        )
+        self.instanceSkew = Gauge(
+            "ctrlgw_instance_clock_skew_seconds",
+            "This instance's clock minus the database's clock.",
+            registry=r,
+        )
+
+        # Durable inbox.
+        self.inboxBatchSize = Histogram(
+            "ctrlgw_inbox_batch_size", "Messages per inbox flush.", buckets=_BATCH_SIZES,
+            registry=r,
+        )
+        self.inboxFlushSeconds = Histogram(
+            "ctrlgw_inbox_flush_seconds", "Duration of an inbox flush (one statement).",
+            buckets=_SECONDS_FAST, registry=r,
+        )
+        self.inboxRowsWritten = Counter(
+            "ctrlgw_inbox_rows_written_total",
+            "Inbox rows inserted (retransmitted duplicates not counted).",
+            registry=r,
+        )
+        self.inboxDuplicates = Counter(
+            "ctrlgw_inbox_duplicates_total",
+            "Retransmitted messages already stored, acked again.",
+            registry=r,
+        )
+        self.inboxBuffered = Gauge(
+            "ctrlgw_inbox_buffered_unacked",
+            "Messages held in memory, not yet committed and not yet acked.",
+            registry=r,
+        )
+        self.inboxRefused = Counter(
+            "ctrlgw_inbox_refused_total",
+            "Messages refused with 'unavailable' because the buffer was full.",
+            registry=r,
+        )
+
+        # Auth and history.
+        self.authFailures = Counter(
+            "ctrlgw_auth_failures_total", "Refused hellos by reason.", ["reason"], registry=r
+        )
+        self.eventsDropped = Counter(
+            "ctrlgw_events_dropped_total",
+            "History events dropped because the history buffer was full.",
+            registry=r,
+        )
+        self.pruned = Counter(
+            "ctrlgw_pruned_rows_total", "Rows removed by retention, by table.", ["table"],
+            registry=r,
+        )

@@ -1,0 +1,143 @@
+"""
+Who owns a controller's connection.
+
+L{LocalOwnership} numbers sessions inside one process: enough for a single instance and for
+tests.  L{PostgresOwnership} makes the same decision
+cluster-wide.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ctrlgw.auth import FailureLimiter, tokenMatches
+from ctrlgw.batching import BatchWriter
+from ctrlgw.config import AuthConfig
+from ctrlgw.interfaces import AuthFailed, IOwnership, Session
+from ctrlgw.metrics import Metrics
+from ctrlgw.store.postgres import Event, Store
+
+log = Logger()
+
+
+@implementer(IOwnership)
+class LocalOwnership:
+    """
+    Admits every controller; epochs increase per process.
+    """
+
+    def __init__(self, instance: str) -> None:
+        self.instance = instance
+        self._epochs: dict[str, int] = {}
+        self.current: dict[str, Session] = {}
+        self.released: list[tuple[Session, str]] = []
+
+    def claim(self, controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:
+        epoch = self._epochs.get(controller, 0) + 1
+        self._epochs[controller] = epoch
+        session = Session(controller, str(uuid.uuid4()), epoch, self.instance, listener, peer)
+        self.current[controller] = session
+        return succeed(session)
+
+    def release(self, session: Session, reason: str) -> None:
+        self.released.append((session, reason))
+        if self.current.get(session.controller) == session:
+            del self.current[session.controller]
+
+
+class EventLog:
+    """
+    Connection history, written in batches.  History must never hold up a connection: when
+    its buffer is full, events are dropped and counted instead.
+    """
+
+    def __init__(self, clock: IReactorTime, store: Store, metrics: Metrics, maxBuffered: int = 10_000) -> None:
+        self.metrics = metrics
+        self._writer: BatchWriter[Event] = BatchWriter(
+            clock, lambda events: Deferred.fromCoroutine(store.writeEvents(events)),
+            batchSize=500, interval=0.05, maxBuffered=maxBuffered, name="events",
+        )
+
+    def record(self, controller: str, kind: str, reason: str = "", epoch: int | None = None,
+               peer: str = "") -> None:
+        d = self._writer.add(Event(controller, kind, reason, epoch, peer))
+        d.addErrback(lambda f: self.metrics.eventsDropped.inc())
+
+    def drain(self) -> Deferred[None]:
+        return self._writer.drain()
+
+
+@implementer(IOwnership)
+class PostgresOwnership:
+    """
+    Admission (token auth) and session claims through PostgreSQL.  Each claim draws a new
+    epoch under the controller's row lock; releases are batched and match on the epoch, so
+    a late release of a superseded session changes nothing.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: Store,
+        events: EventLog,
+        auth: AuthConfig,
+        metrics: Metrics,
+    ) -> None:
+        self.instance = store.instance
+        self.store = store
+        self.events = events
+        self.auth = auth
+        self.metrics = metrics
+        self.limiter = FailureLimiter(clock, auth.max_failures, auth.failure_window)
+        self._releases: BatchWriter[tuple[str, int, str]] = BatchWriter(
+            clock, lambda rows: Deferred.fromCoroutine(store.releaseSessions(rows)),
+            batchSize=500, interval=0.01, maxBuffered=100_000, name="session releases",
+        )
+
+    def claim(self, controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:
+        return Deferred.fromCoroutine(self._claim(controller, token, listener, peer))
+
+    async def _claim(self, controller: str, token: str | None, listener: str, peer: str) -> Session:
+        if self.auth.mode == "token":
+            await self._authenticate(controller, token, peer)
+        claim = await self.store.claimSession(controller, listener, peer)
+        self.events.record(controller, "connect", listener, claim.epoch, peer)
+        if claim.previousOnline:
+            self.events.record(
+                controller, "takeover",
+                f"from {claim.previousInstance} epoch {claim.previousEpoch}", claim.epoch, peer,
+            )
+        return Session(controller, claim.session, claim.epoch, self.instance, listener, peer)
+
+    async def _authenticate(self, controller: str, token: str | None, peer: str) -> None:
+        host = peer.rsplit(":", 1)[0]
+        if self.limiter.blocked(host):
+            reason = "rate_limited"
+        else:
+            credentials = await self.store.controllerCredentials(controller)
+            if credentials is None:
+                reason = "unknown_controller"
+            elif not tokenMatches(token, credentials[0]):
+                reason = "bad_token"
+            elif not credentials[1]:
+                reason = "disabled"
+            else:
+                return
+            self.limiter.record(host)
+        self.events.record(controller, "auth_failed", reason, None, peer)
+        raise AuthFailed(reason)
+
+    def release(self, session: Session, reason: str) -> None:
+        self.events.record(session.controller, "disconnect", reason, session.epoch, session.peer)
+        self._releases.add((session.controller, session.epoch, reason)).addErrback(
+            lambda f: log.warn("session release of {controller} not recorded: {error}",
+                               controller=session.controller, error=f.getErrorMessage())
+        )
+
+    def drain(self) -> Deferred[None]:
+        return self._releases.drain()

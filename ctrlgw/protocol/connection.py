@@ -1,0 +1,408 @@
+"""
+One controller connection: awaiting-hello -> claiming -> live -> closed.
+
+The protocol object owns its socket's liveness (hello deadline, pings, idle timeout) and
+turns frames into calls on the gateway's seams (L{IOwnership}, L{IMessageSink},
+L{ICommandSettler}); it never touches the database.  Gateway frames are stamped with the
+clock at the moment they are written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from ctrlgw.clock import wallMillis
+from ctrlgw.config import LivenessConfig, TimestampConfig
+from ctrlgw.framing import FramingError, IFraming
+from ctrlgw.interfaces import (
+    AuthFailed,
+    Fenced,
+    ICommandSettler,
+    IMessageSink,
+    IOwnership,
+    Session,
+    Unavailable,
+)
+from ctrlgw.metrics import Metrics
+from ctrlgw.protocol import messages as v1
+from ctrlgw.registry import ConnectionRegistry
+
+log = Logger()
+
+# Disconnect reasons beyond the bye reasons: the peer went away on its own.
+PEER_CLOSED = "peer_closed"
+
+_FRAME_TYPES = ("hello", "msg", "ack", "nack", "ping", "pong", "invalid")
+_OUT_TYPES = ("welcome", "ack", "cmd", "ping", "pong", "error", "bye")
+
+
+class State(Enum):
+    AWAITING_HELLO = "awaiting_hello"
+    CLAIMING = "claiming"
+    LIVE = "live"
+    CLOSED = "closed"
+
+
+@dataclass
+class ConnectionContext:
+    """
+    What every connection of one gateway shares: configuration, seams, metrics and the set
+    of open connections (for shutdown).
+    """
+
+    clock: IReactorTime
+    liveness: LivenessConfig
+    timestamps: TimestampConfig
+    registry: ConnectionRegistry
+    ownership: IOwnership
+    sink: IMessageSink
+    settler: ICommandSettler
+    metrics: Metrics
+    accepting: bool = True
+    connections: set[ControllerProtocol] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        # Label lookups are cached: they are on the per-frame path.
+        self.framesIn = {t: self.metrics.framesIn.labels(t) for t in _FRAME_TYPES}
+        self.framesOut = {t: self.metrics.framesOut.labels(t) for t in _OUT_TYPES}
+
+
+class ControllerProtocol(Protocol):
+    """
+    The v1 protocol on one connection.
+    """
+
+    def __init__(
+        self,
+        context: ConnectionContext,
+        listener: str,
+        framing: IFraming,
+        applySocketOptions: Callable[[Any], object] = lambda transport: None,
+    ) -> None:
+        self.context = context
+        self.listener = listener
+        self.framing = framing
+        self.session: Session | None = None
+        self.state = State.AWAITING_HELLO
+        self.closeReason: str | None = None
+        self._applySocketOptions = applySocketOptions
+        self._timer: IDelayedCall | None = None
+        self._abortCall: IDelayedCall | None = None
+        self._helloDeadline = 0.0
+        self._lastHeard = 0.0
+        self._nextPing = 0.0
+        self._lastPingTs: int | None = None
+        self._peer = ""
+
+    # --- Twisted protocol events ---
+
+    def connectionMade(self) -> None:
+        ctx = self.context
+        ctx.connections.add(self)
+        ctx.metrics.connections.labels(self.listener).inc()
+        ctx.metrics.connectionsTotal.labels(self.listener).inc()
+        self._applySocketOptions(self.transport)
+        peer = self.transport.getPeer()
+        self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        now = ctx.clock.seconds()
+        self._lastHeard = now
+        self._helloDeadline = now + ctx.liveness.hello_timeout
+        self._arm(self._helloDeadline)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.state is State.CLOSED:
+            self._drop(data)
+            return
+        try:
+            frames = self.framing.feed(data)
+        except FramingError as e:
+            self._fail(e.code, e.detail)
+            return
+        if frames:
+            self._lastHeard = self.context.clock.seconds()
+        for index, payload in enumerate(frames):
+            if self.state is State.CLOSED:
+                self.context.metrics.framesDropped.inc(len(frames) - index)
+                return
+            self._frameReceived(payload)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        ctx = self.context
+        self._cancelTimer()
+        if self._abortCall is not None and self._abortCall.active():
+            self._abortCall.cancel()
+        if self.state is not State.CLOSED:
+            self._finish(PEER_CLOSED)
+        ctx.connections.discard(self)
+        ctx.metrics.connections.labels(self.listener).dec()
+        ctx.metrics.disconnects.labels(self.closeReason or PEER_CLOSED).inc()
+
+    # --- inbound frames ---
+
+    def _drop(self, data: bytes) -> None:
+        # A connection closed on purpose (superseded, idle, shutting down) acts on nothing
+        # more; the frames are only counted.
+        try:
+            dropped = len(self.framing.feed(data))
+        except FramingError:
+            dropped = 1
+        if dropped:
+            self.context.metrics.framesDropped.inc(dropped)
+
+    def _frameReceived(self, payload: bytes) -> None:
+        ctx = self.context
+        try:
+            message = v1.decode(payload)
+        except v1.ProtocolError as e:
+            ctx.framesIn["invalid"].inc()
+            if self.state is State.AWAITING_HELLO:
+                self._fail(e.code, e.detail, e.ref)
+            else:
+                self._sendError(e.code, e.detail, e.ref)
+            return
+        kind = type(message).__name__.lower()
+        ctx.framesIn[kind].inc()
+
+        if isinstance(message, v1.Ping):
+            self._send("pong", echo=message.ts)
+        elif self.state is State.LIVE:
+            self._liveFrame(message)
+        elif self.state is State.AWAITING_HELLO:
+            if isinstance(message, v1.Hello):
+                self._claim(message)
+            else:
+                self._fail(v1.HELLO_REQUIRED, "the first frame must be a hello")
+        elif isinstance(message, v1.Msg):
+            # Claiming: the controller sent before its welcome; nothing is acked, it resends.
+            self._sendError(v1.HELLO_REQUIRED, "wait for welcome before sending", message.id)
+        elif not isinstance(message, v1.Pong):
+            self._sendError(v1.HELLO_REQUIRED, "wait for welcome before sending")
+
+    def _liveFrame(self, message: v1.Inbound) -> None:
+        session = self.session
+        assert session is not None
+        if isinstance(message, v1.Msg):
+            self._receiveMsg(session, message)
+        elif isinstance(message, v1.Ack):
+            self.context.settler.settle(session, message.ref, True, "")
+        elif isinstance(message, v1.Nack):
+            self.context.settler.settle(session, message.ref, False, message.reason)
+        elif isinstance(message, v1.Pong):
+            self._pongReceived(message)
+        elif isinstance(message, v1.Hello):
+            self._sendError(v1.BAD_MESSAGE, "already welcomed; reconnect to start a new session")
+
+    def _receiveMsg(self, session: Session, message: v1.Msg) -> None:
+        ctx = self.context
+        now = wallMillis(ctx.clock)
+        if now - message.ts > ctx.timestamps.max_age * 1000:
+            ctx.metrics.timestampRejects.labels("stale").inc()
+            self._sendError(
+                v1.STALE_TIMESTAMP,
+                f"ts is {now - message.ts} ms old; the limit is {ctx.timestamps.max_age:g}s",
+                message.id,
+            )
+            return
+        if message.ts - now > ctx.timestamps.max_future * 1000:
+            ctx.metrics.timestampRejects.labels("future").inc()
+            self._sendError(
+                v1.FUTURE_TIMESTAMP,
+                f"ts is {message.ts - now} ms ahead of the gateway clock; "
+                f"the limit is {ctx.timestamps.max_future:g}s",
+                message.id,
+            )
+            return
+        d = ctx.sink.submit(session, message.id, message.ts, message.body)
+        d.addCallbacks(self._stored, self._notStored, (session, message.id), None, (message.id,))
+
+    def _stored(self, _: None, session: Session, messageId: str) -> None:
+        if self.state is State.LIVE and self.session is session:
+            self._send("ack", ref=messageId)
+
+    def _notStored(self, failure: Failure, messageId: str) -> None:
+        if failure.check(Fenced):
+            self.close(v1.BYE_TAKEOVER)
+        elif self.state is State.LIVE:
+            if not failure.check(Unavailable):
+                log.failure("storing message {ref} failed", failure, ref=messageId)
+            self._sendError(v1.UNAVAILABLE, "not stored; retry later", messageId)
+
+    def _pongReceived(self, pong: v1.Pong) -> None:
+        if pong.echo != self._lastPingTs:
+            return
+        self._lastPingTs = None
+        now = wallMillis(self.context.clock)
+        roundTrip = max(0, now - pong.echo)
+        self.context.metrics.pingRoundTrip.observe(roundTrip / 1000)
+        # The controller stamped its pong about half a round trip after our ping left.
+        skew = pong.ts - (pong.echo + roundTrip / 2)
+        self.context.metrics.controllerSkew.observe(skew / 1000)
+
+    # --- claiming a session ---
+
+    def _claim(self, hello: v1.Hello) -> None:
+        ctx = self.context
+        if not ctx.accepting:
+            self._fail(v1.UNAVAILABLE, "the gateway is shutting down", bye=v1.BYE_UNAVAILABLE)
+            return
+        self.state = State.CLAIMING
+        d = ctx.ownership.claim(hello.controller, hello.token, self.listener, self._peer)
+        d.addCallbacks(self._claimed, self._claimFailed)
+
+    def _claimed(self, session: Session) -> None:
+        ctx = self.context
+        if self.state is not State.CLAIMING:
+            # Gone (or timed out) while the claim was in flight.
+            ctx.ownership.release(session, self.closeReason or PEER_CLOSED)
+            return
+        self.session = session
+        loser = ctx.registry.bind(self)
+        if loser is not None:
+            ctx.metrics.takeovers.labels("local").inc()
+            log.info(
+                "{controller} taken over locally (epoch {epoch})",
+                controller=session.controller,
+                epoch=session.epoch,
+            )
+            assert isinstance(loser, ControllerProtocol)
+            if loser is self:
+                self.state = State.LIVE  # so that close() releases the session
+                self.close(v1.BYE_TAKEOVER)
+                return
+            loser.close(v1.BYE_TAKEOVER)
+        self.state = State.LIVE
+        self._send(
+            "welcome",
+            session=session.session,
+            epoch=session.epoch,
+            ping_interval=ctx.liveness.ping_interval,
+        )
+        now = ctx.clock.seconds()
+        self._nextPing = now + ctx.liveness.ping_interval
+        self._arm(min(self._nextPing, self._lastHeard + ctx.liveness.idle_timeout))
+
+    def _claimFailed(self, failure: Failure) -> None:
+        if self.state is not State.CLAIMING:
+            return
+        if failure.check(AuthFailed):
+            self.context.metrics.authFailures.labels(failure.value.reason).inc()
+            self._fail(v1.AUTH_FAILED, "authentication failed")
+        elif failure.check(Unavailable):
+            self._fail(v1.UNAVAILABLE, str(failure.value), bye=v1.BYE_UNAVAILABLE)
+        else:
+            log.failure("claim failed", failure)
+            self._fail(v1.UNAVAILABLE, "the gateway could not admit you", bye=v1.BYE_UNAVAILABLE)
+
+    # --- timers ---
+
+    def _arm(self, at: float) -> None:
+        self._cancelTimer()
+        clock = self.context.clock
+        self._timer = clock.callLater(max(0.0, at - clock.seconds()), self._tick)
+
+    def _cancelTimer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def _tick(self) -> None:
+        # One timer per connection: frames only record when they arrived, and the timer
+        # works out what is due, so the per-frame path never reschedules anything.
+        self._timer = None
+        ctx = self.context
+        now = ctx.clock.seconds()
+        if self.state is State.AWAITING_HELLO:
+            self._fail(
+                v1.HELLO_REQUIRED, f"no hello within {ctx.liveness.hello_timeout:g}s"
+            )
+        elif self.state is State.CLAIMING:
+            self._fail(
+                v1.UNAVAILABLE, "admission took too long; retry later", bye=v1.BYE_UNAVAILABLE
+            )
+        elif self.state is State.LIVE:
+            idleAt = self._lastHeard + ctx.liveness.idle_timeout
+            if now >= idleAt:
+                log.info(
+                    "{controller} silent for {seconds:.1f}s: closing",
+                    controller=self.session.controller if self.session else None,
+                    seconds=now - self._lastHeard,
+                )
+                self.close(v1.BYE_IDLE_TIMEOUT)
+                return
+            if now >= self._nextPing:
+                self._lastPingTs = self._send("ping")
+                self._nextPing = now + ctx.liveness.ping_interval
+            self._arm(min(self._nextPing, idleAt))
+
+    # --- writing ---
+
+    def _send(self, kind: str, **fields: Any) -> int:
+        ts = wallMillis(self.context.clock)
+        self.transport.write(self.framing.frame(v1.encode(kind, ts, **fields)))
+        self.context.framesOut[kind].inc()
+        return ts
+
+    def _sendError(self, code: str, detail: str, ref: str | None = None) -> None:
+        self.context.metrics.frameErrors.labels(code).inc()
+        self._send("error", code=code, ref=ref, detail=detail)
+
+    def _fail(
+        self, code: str, detail: str, ref: str | None = None, bye: str = v1.BYE_PROTOCOL_ERROR
+    ) -> None:
+        self._sendError(code, detail, ref)
+        self.close(bye)
+
+    def deliver(self, commandId: str, body: object, expiresMs: int) -> bool:
+        """
+        Write a command now, unless this connection is not live or the command has
+        expired by the gateway clock: a command is never written stale.
+
+        @return: whether the command was written.
+        @raise FramingError: the command does not fit in one frame of this listener.
+        """
+        if self.state is not State.LIVE:
+            return False
+        if expiresMs <= wallMillis(self.context.clock):
+            self.context.metrics.expiredAtWrite.inc()
+            return False
+        self._send("cmd", id=commandId, expires=expiresMs, body=body)
+        return True
+
+    # --- closing ---
+
+    def close(self, reason: str) -> None:
+        """
+        Close on purpose: from now on nothing received is acted on; say C{bye} with
+        C{reason} and close the socket, aborting it if the bye has not drained within
+        C{close_grace} (a dead peer must never hold the connection open).
+        """
+        if self.state is State.CLOSED:
+            return
+        self._finish(reason)
+        transport = self.transport
+        if transport is None:
+            return
+        self._send("bye", reason=reason)
+        grace = self.context.liveness.close_grace
+        if grace > 0:
+            transport.loseConnection()
+            self._abortCall = self.context.clock.callLater(grace, transport.abortConnection)
+        else:
+            transport.abortConnection()
+
+    def _finish(self, reason: str) -> None:
+        wasLive = self.state is State.LIVE
+        self.state = State.CLOSED
+        self.closeReason = reason
+        self._cancelTimer()
+        if wasLive and self.session is not None:
+            self.context.registry.unbind(self)
+            self.context.ownership.release(self.session, reason)

@@ -1,0 +1,201 @@
+"""
+Controller protocol v1: JSON frames to typed messages and back.
+
+Pure functions, no I/O: L{decode} turns a frame's payload into one of the inbound message
+classes or raises L{ProtocolError} with the error-frame code to answer; L{encode} turns a
+gateway frame into payload bytes, stamping C{ts} with the time it is given (the caller
+passes the write time).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any, Union
+
+CONTROLLER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+MAX_ID_LENGTH = 128
+MAX_TOKEN_LENGTH = 512
+MAX_REASON_LENGTH = 1024
+
+# Error-frame codes (docs/protocol.md lists them with what the gateway does after each).
+BAD_FRAME = "bad_frame"
+BAD_JSON = "bad_json"
+BAD_MESSAGE = "bad_message"
+FRAME_TOO_LARGE = "frame_too_large"
+UNKNOWN_TYPE = "unknown_type"
+HELLO_REQUIRED = "hello_required"
+BAD_CONTROLLER_ID = "bad_controller_id"
+STALE_TIMESTAMP = "stale_timestamp"
+FUTURE_TIMESTAMP = "future_timestamp"
+AUTH_FAILED = "auth_failed"
+UNAVAILABLE = "unavailable"
+
+# Reasons a C{bye} gives.
+BYE_TAKEOVER = "takeover"
+BYE_SHUTDOWN = "shutdown"
+BYE_IDLE_TIMEOUT = "idle_timeout"
+BYE_PROTOCOL_ERROR = "protocol_error"
+BYE_UNAVAILABLE = "unavailable"
+
+
+class ProtocolError(Exception):
+    """
+    A frame is not a valid v1 message; C{code} is the error frame's code and C{ref} the id
+    of the message it refers to, when one could be read.
+    """
+
+    def __init__(self, code: str, detail: str, ref: str | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.ref = ref
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    ts: int
+    controller: str
+    token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Msg:
+    ts: int
+    id: str
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Ack:
+    ts: int
+    ref: str
+
+
+@dataclass(frozen=True, slots=True)
+class Nack:
+    ts: int
+    ref: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    ts: int
+    echo: int
+
+
+Inbound = Union[Hello, Msg, Ack, Nack, Ping, Pong]
+
+
+def _rejectConstant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _isInt(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _text(obj: dict[str, Any], key: str, maxLength: int, ref: str | None = None) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or not 0 < len(value) <= maxLength:
+        raise ProtocolError(
+            BAD_MESSAGE, f"{key!r} must be a string of 1 to {maxLength} characters", ref
+        )
+    return value
+
+
+def decode(payload: bytes) -> Inbound:
+    """
+    Decode one frame's payload.
+
+    @raise ProtocolError: with the code the gateway answers with.
+    """
+    try:
+        obj = json.loads(payload.decode("utf-8"), parse_constant=_rejectConstant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ProtocolError(BAD_JSON, f"not a UTF-8 JSON document: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(BAD_JSON, "a frame must be a JSON object")
+    kind = obj.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolError(BAD_MESSAGE, "'type' must be a string")
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise ProtocolError(UNKNOWN_TYPE, f"unknown type {kind[:32]!r}")
+    ref = obj.get("id") if kind == "msg" and isinstance(obj.get("id"), str) else None
+    ts = obj.get("ts")
+    if not _isInt(ts) or ts < 0:
+        raise ProtocolError(BAD_MESSAGE, "'ts' must be integer milliseconds since the epoch", ref)
+    return decoder(obj, ts)
+
+
+def _decodeHello(obj: dict[str, Any], ts: int) -> Hello:
+    controller = obj.get("controller")
+    if not isinstance(controller, str) or not CONTROLLER_ID.fullmatch(controller):
+        raise ProtocolError(
+            BAD_CONTROLLER_ID, "'controller' must be 1-128 characters of [A-Za-z0-9._:-]"
+        )
+    token = obj.get("token")
+    if token is not None:
+        token = _text(obj, "token", MAX_TOKEN_LENGTH)
+    return Hello(ts=ts, controller=controller, token=token)
+
+
+def _decodeMsg(obj: dict[str, Any], ts: int) -> Msg:
+    return Msg(ts=ts, id=_text(obj, "id", MAX_ID_LENGTH), body=obj.get("body"))
+
+
+def _decodeAck(obj: dict[str, Any], ts: int) -> Ack:
+    return Ack(ts=ts, ref=_text(obj, "ref", MAX_ID_LENGTH))
+
+
+def _decodeNack(obj: dict[str, Any], ts: int) -> Nack:
+    ref = _text(obj, "ref", MAX_ID_LENGTH)
+    reason = obj.get("reason", "")
+    if not isinstance(reason, str) or len(reason) > MAX_REASON_LENGTH:
+        raise ProtocolError(BAD_MESSAGE, f"'reason' must be a string of at most {MAX_REASON_LENGTH}")
+    return Nack(ts=ts, ref=ref, reason=reason)
+
+
+def _decodePing(obj: dict[str, Any], ts: int) -> Ping:
+    return Ping(ts=ts)
+
+
+def _decodePong(obj: dict[str, Any], ts: int) -> Pong:
+    echo = obj.get("echo")
+    if not _isInt(echo):
+        raise ProtocolError(BAD_MESSAGE, "'echo' must be the ping's integer ts")
+    return Pong(ts=ts, echo=echo)
+
+
+_DECODERS = {
+    "hello": _decodeHello,
+    "msg": _decodeMsg,
+    "ack": _decodeAck,
+    "nack": _decodeNack,
+    "ping": _decodePing,
+    "pong": _decodePong,
+}
+
+_encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_asciiEncoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
+def encode(kind: str, ts: int, **fields: Any) -> bytes:
+    """
+    Encode a gateway frame of type C{kind} stamped with C{ts}.
+    """
+    frame = {"type": kind, "ts": ts, **fields}
+    try:
+        return _encoder.encode(frame).encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate (a peer may send one as a \ud800 escape, e.g. in a msg id that
+        # is echoed as a ref) has no UTF-8 form; escaped, it goes back exactly as it came.
+        return _asciiEncoder.encode(frame).encode("ascii")

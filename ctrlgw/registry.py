@@ -1,0 +1,79 @@
+"""
+The local registry: controller id to its one live connection in this process.
+
+The registry only remembers; L{ctrlgw.interfaces.IOwnership} decides.  Every operation
+compares session epochs, so the order in which claims complete or connections report their
+loss cannot leave an older connection registered over a newer one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+from ctrlgw.interfaces import Session
+
+
+class Registrable(Protocol):
+    """
+    What the registry needs of a connection.
+    """
+
+    @property
+    def session(self) -> Session | None: ...
+
+
+class ConnectionRegistry:
+    def __init__(self) -> None:
+        self._byController: dict[str, Registrable] = {}
+
+    def __len__(self) -> int:
+        return len(self._byController)
+
+    def bind(self, connection: Registrable) -> Registrable | None:
+        """
+        Register C{connection} for its session's controller.
+
+        @return: the connection that lost and must be closed as taken over: the one
+            previously registered, or C{connection} itself when the registered one has a
+            higher epoch (its claim completed later but began earlier); C{None} when
+            nothing was registered.
+        """
+        session = connection.session
+        assert session is not None
+        current = self._byController.get(session.controller)
+        if current is connection:
+            return None
+        if current is not None:
+            assert current.session is not None
+            if current.session.epoch > session.epoch:
+                return connection
+        self._byController[session.controller] = connection
+        return current
+
+    def unbind(self, connection: Registrable) -> bool:
+        """
+        Forget C{connection} if, and only if, it is the registered one: a late loss of a
+        superseded connection leaves its successor in place.
+        """
+        session = connection.session
+        if session is None or self._byController.get(session.controller) is not connection:
+            return False
+        del self._byController[session.controller]
+        return True
+
+    def lookup(self, controller: str) -> Registrable | None:
+        return self._byController.get(controller)
+
+    def supersededBy(self, controller: str, epoch: int) -> Registrable | None:
+        """
+        The registered connection of C{controller} if its epoch is lower than C{epoch}:
+        one another instance's newer session has made stale.
+        """
+        current = self._byController.get(controller)
+        if current is not None and current.session is not None and current.session.epoch < epoch:
+            return current
+        return None
+
+    def __iter__(self) -> Iterator[Registrable]:
+        return iter(list(self._byController.values()))

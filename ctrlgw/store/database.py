@@ -1,0 +1,252 @@
+"""
+PostgreSQL access through txpostgres: a small pool that heals itself.
+
+Every call is named; its latency and errors are metrics by name.  A call made while no
+connection is healthy fails at once with L{Unavailable} instead of waiting; broken
+connections are replaced in the background with capped exponential backoff.  Every
+connection sets C{statement_timeout}, C{idle_in_transaction_session_timeout} and the
+schema's C{search_path}, and TCP keepalives, so a server that vanished is noticed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg2
+import psycopg2.errors
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+from txpostgres import txpostgres
+
+from ctrlgw.config import DatabaseConfig
+from ctrlgw.interfaces import Unavailable
+from ctrlgw.metrics import Metrics
+
+log = Logger()
+
+T = TypeVar("T")
+
+# Errors that mean the connection, not the statement, is broken.
+_CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+# Errors after which the same transaction may simply be run again (as Synapse does).
+_RETRYABLE = (psycopg2.errors.SerializationFailure, psycopg2.errors.DeadlockDetected)
+_MAX_RETRIES = 5
+_TIMEOUTS = (CancelledError, TimeoutError)
+
+
+def _isConnectionError(e: BaseException) -> bool:
+    if isinstance(e, psycopg2.errors.QueryCanceled):
+        return False
+    return isinstance(e, _CONNECTION_ERRORS) and not isinstance(e, _RETRYABLE)
+
+
+class Database:
+    """
+    A pool of C{size} txpostgres connections to one server, for one schema.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        config: DatabaseConfig,
+        metrics: Metrics,
+        applicationName: str = "ctrlgw",
+    ) -> None:
+        self.reactor = reactor
+        self.clock: IReactorTime = reactor
+        self.config = config
+        self.schema = config.schema
+        self.metrics = metrics
+        self.applicationName = applicationName
+        self.dsn: str | None = None
+        self._idle: list[txpostgres.Connection] = []
+        self._waiters: deque[Deferred[txpostgres.Connection]] = deque()
+        self._healthy = 0
+        self._connecting = 0
+        self._stopped = False
+        self._upObservers: list[Callable[[bool], object]] = []
+        metrics.dbUp.set(0)
+
+    # --- lifecycle ---
+
+    @property
+    def up(self) -> bool:
+        return self._healthy > 0
+
+    def onUpChanged(self, observer: Callable[[bool], object]) -> None:
+        self._upObservers.append(observer)
+
+    def start(self, dsn: str) -> Deferred[None]:
+        """
+        Open the pool.  Fires when the first connection is up; the others (and any that
+        fail now) keep trying in the background.
+        """
+        self.dsn = dsn
+        self._stopped = False
+        first: Deferred[None] = Deferred()
+
+        def whenUp(up: bool) -> None:
+            if up and not first.called:
+                first.callback(None)
+
+        self.onUpChanged(whenUp)
+        for _ in range(self.config.pool_size):
+            self._keepConnecting()
+        return first
+
+    def stop(self) -> None:
+        self._stopped = True
+        for conn in self._idle:
+            conn.close()
+        self._idle.clear()
+        while self._waiters:
+            self._waiters.popleft().errback(Unavailable("database pool stopped"))
+        self._setHealthy(0)
+
+    def _setHealthy(self, count: int) -> None:
+        was = self.up
+        self._healthy = count
+        self.metrics.dbUp.set(1 if self.up else 0)
+        if was != self.up:
+            log.info("database {state}", state="up" if self.up else "DOWN")
+            for observer in list(self._upObservers):
+                observer(self.up)
+
+    async def connect(self) -> txpostgres.Connection:
+        """
+        One new connection with ctrlgw's session settings.  Also used for LISTEN.
+        """
+        assert self.dsn is not None
+        conn = txpostgres.Connection(reactor=self.reactor)
+        await conn.connect(
+            self.dsn,
+            connect_timeout=max(1, int(self.config.connect_timeout)),
+            application_name=self.applicationName,
+            keepalives=1,
+            keepalives_idle=10,
+            keepalives_interval=5,
+            keepalives_count=3,
+        )
+        await conn.runOperation(
+            "SELECT set_config('statement_timeout', %s, false),"
+            " set_config('idle_in_transaction_session_timeout', %s, false),"
+            " set_config('search_path', %s, false)",
+            (
+                f"{int(self.config.statement_timeout * 1000)}ms",
+                f"{int(self.config.idle_in_transaction_timeout * 1000)}ms",
+                f"{self.schema}, public",
+            ),
+        )
+        return conn
+
+    def _keepConnecting(self) -> None:
+        self._connecting += 1
+        ensureDeferred(self._connectWithBackoff()).addErrback(
+            lambda f: log.failure("connect loop failed", f)
+        )
+
+    async def _connectWithBackoff(self) -> None:
+        delay = 0.1
+        try:
+            while not self._stopped:
+                try:
+                    conn = await self.connect()
+                except Exception as e:
+                    log.warn(
+                        "cannot connect to the database ({error}); retrying in {delay:.1f}s",
+                        error=str(e).strip().splitlines()[0] if str(e).strip() else repr(e),
+                        delay=delay,
+                    )
+                    await deferLater(self.clock, delay, lambda: None)
+                    delay = min(self.config.reconnect_max_delay, delay * 2)
+                    continue
+                if self._stopped:
+                    conn.close()
+                    return
+                self._setHealthy(self._healthy + 1)
+                self._checkin(conn)
+                return
+        finally:
+            self._connecting -= 1
+
+    def _checkout(self) -> Deferred[txpostgres.Connection]:
+        if self._stopped:
+            raise Unavailable("database pool stopped")
+        if self._idle:
+            d: Deferred[txpostgres.Connection] = Deferred()
+            d.callback(self._idle.pop())
+            return d
+        if not self.up:
+            raise Unavailable("database unavailable")
+        d = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def _checkin(self, conn: txpostgres.Connection) -> None:
+        if self._stopped:
+            conn.close()
+            return
+        if self._waiters:
+            self._waiters.popleft().callback(conn)
+        else:
+            self._idle.append(conn)
+
+    def _broken(self, conn: txpostgres.Connection) -> None:
+        try:
+            conn.close()
+        except Exception:
+            pass
+        self._setHealthy(max(0, self._healthy - 1))
+        if not self.up:
+            # Nobody can be served now: fail the waiters instead of leaving them hanging.
+            while self._waiters:
+                self._waiters.popleft().errback(Unavailable("database unavailable"))
+        if not self._stopped:
+            self._keepConnecting()
+
+    # --- calls ---
+
+    async def _run(self, name: str, call: Callable[[txpostgres.Connection], Deferred[T]]) -> T:
+        histogram = self.metrics.dbQuerySeconds.labels(name)
+        for attempt in range(_MAX_RETRIES):
+            conn = await self._checkout()
+            started = self.clock.seconds()
+            d = call(conn)
+            # The server's statement_timeout cannot fire if the server is unreachable:
+            # bound the wait on this side too.
+            d.addTimeout(self.config.statement_timeout + self.config.connect_timeout, self.clock)
+            try:
+                result = await d
+            except Exception as e:
+                self.metrics.dbQueryErrors.labels(name).inc()
+                if isinstance(e, _RETRYABLE) and attempt + 1 < _MAX_RETRIES:
+                    self._checkin(conn)
+                    continue
+                if _isConnectionError(e) or isinstance(e, _TIMEOUTS):
+                    self._broken(conn)
+                    raise Unavailable(f"database unavailable ({name})") from e
+                self._checkin(conn)
+                raise
+            histogram.observe(self.clock.seconds() - started)
+            self._checkin(conn)
+            return result
+        raise AssertionError("unreachable")
+
+    def runQuery(self, name: str, sql: str, args: Any = None) -> Deferred[list[tuple[Any, ...]]]:
+        return ensureDeferred(self._run(name, lambda c: c.runQuery(sql, args)))
+
+    def runOperation(self, name: str, sql: str, args: Any = None) -> Deferred[None]:
+        return ensureDeferred(self._run(name, lambda c: c.runOperation(sql, args)))
+
+    def runInteraction(
+        self, name: str, interaction: Callable[..., Deferred[T]], *args: Any
+    ) -> Deferred[T]:
+        """
+        Run C{interaction(cursor, *args)} in a transaction; retried as a whole on a
+        serialization failure or deadlock.
+        """
+        return ensureDeferred(self._run(name, lambda c: c.runInteraction(interaction, *args)))

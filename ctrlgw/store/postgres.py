@@ -1,0 +1,225 @@
+"""
+Every SQL statement ctrlgw runs, one method each, named for its metrics.
+
+Batch methods take many rows and run one statement (arrays through C{unnest}), so no caller
+pays a round-trip per message.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ctrlgw.interfaces import Fenced
+from ctrlgw.store.database import Database
+
+
+@dataclass(frozen=True, slots=True)
+class InboxRow:
+    controller: str
+    messageId: str
+    deviceTs: int
+    epoch: int
+    body: object
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    controller: str
+    kind: str
+    reason: str
+    epoch: int | None
+    peer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    session: str
+    epoch: int
+    previousInstance: str | None
+    previousEpoch: int | None
+    previousOnline: bool
+
+
+STORED = "stored"
+DUPLICATE = "duplicate"
+
+_WRITE_INBOX = """
+WITH batch AS (
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
+        AS b(controller_id, message_id, device_ts, epoch, body)
+), current AS (
+    -- Fencing: only messages of a controller's current session are stored.
+    SELECT b.* FROM batch b
+    JOIN sessions s ON s.controller_id = b.controller_id AND s.epoch = b.epoch
+), inserted AS (
+    INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch, body)
+    SELECT controller_id, message_id, to_timestamp(device_ts / 1000.0), %s, epoch, body::jsonb
+    FROM current
+    ON CONFLICT (controller_id, message_id) DO NOTHING
+    RETURNING controller_id, message_id
+)
+SELECT c.controller_id, c.message_id, i.message_id IS NOT NULL
+FROM current c LEFT JOIN inserted i USING (controller_id, message_id)
+"""
+
+_CLAIM = """
+SELECT new_epoch, previous_instance, previous_epoch, previous_online
+FROM claim_session(%(controller)s, %(session)s, %(instance)s, %(listener)s, %(peer)s)
+"""
+
+_RELEASE = """
+UPDATE sessions s SET online = false, disconnected_at = now(), disconnect_reason = r.reason
+FROM unnest(%s::text[], %s::bigint[], %s::text[]) AS r(controller_id, epoch, reason)
+WHERE s.controller_id = r.controller_id AND s.epoch = r.epoch AND s.online
+"""
+
+_WRITE_EVENTS = """
+INSERT INTO events (controller_id, kind, reason, instance_id, epoch, peer)
+SELECT controller_id, kind, reason, %s, epoch, peer
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[])
+    AS e(controller_id, kind, reason, epoch, peer)
+"""
+
+
+class Store:
+    """
+    ctrlgw's queries against one L{Database}, on behalf of instance C{instance}.
+    """
+
+    def __init__(self, db: Database, instance: str) -> None:
+        self.db = db
+        self.instance = instance
+
+    async def writeInbox(self, rows: Sequence[InboxRow]) -> list[object]:
+        """
+        Store a batch of inbound messages in one statement.
+
+        @return: for each row, in order, L{STORED}, L{DUPLICATE} (already stored: ack
+            again) or a L{Fenced} exception (its session is no longer current).
+        """
+        result = await self.db.runQuery(
+            "inbox_write",
+            _WRITE_INBOX,
+            (
+                [r.controller for r in rows],
+                [r.messageId for r in rows],
+                [r.deviceTs for r in rows],
+                [r.epoch for r in rows],
+                [json.dumps(r.body) for r in rows],
+                self.instance,
+            ),
+        )
+        outcome = {(c, m): STORED if ins else DUPLICATE for c, m, ins in result}
+        fenced = Fenced("session superseded")
+        return [outcome.get((r.controller, r.messageId), fenced) for r in rows]
+
+    async def claimSession(self, controller: str, listener: str, peer: str) -> Claim:
+        session = str(uuid.uuid4())
+        rows = await self.db.runQuery(
+            "session_claim",
+            _CLAIM,
+            {
+                "controller": controller,
+                "session": session,
+                "instance": self.instance,
+                "listener": listener,
+                "peer": peer,
+            },
+        )
+        epoch, previousInstance, previousEpoch, previousOnline = rows[0]
+        return Claim(session, epoch, previousInstance, previousEpoch, bool(previousOnline))
+
+    async def releaseSessions(self, rows: Sequence[tuple[str, int, str]]) -> list[object]:
+        await self.db.runOperation(
+            "session_release",
+            _RELEASE,
+            ([c for c, _, _ in rows], [e for _, e, _ in rows], [r for _, _, r in rows]),
+        )
+        return [None] * len(rows)
+
+    async def writeEvents(self, events: Sequence[Event]) -> list[object]:
+        await self.db.runOperation(
+            "events_write",
+            _WRITE_EVENTS,
+            (
+                self.instance,
+                [e.controller for e in events],
+                [e.kind for e in events],
+                [e.reason for e in events],
+                [e.epoch for e in events],
+                [e.peer for e in events],
+            ),
+        )
+        return [None] * len(events)
+
+    async def controllerCredentials(self, controller: str) -> tuple[bytes, bool] | None:
+        rows = await self.db.runQuery(
+            "controller_credentials",
+            "SELECT token_sha256, enabled FROM controllers WHERE controller_id = %s",
+            (controller,),
+        )
+        if not rows:
+            return None
+        return bytes(rows[0][0]), bool(rows[0][1])
+
+    async def databaseTime(self) -> float:
+        rows = await self.db.runQuery(
+            "clock_check", "SELECT extract(epoch FROM clock_timestamp())::float8"
+        )
+        return float(rows[0][0])
+
+    async def prune(self, table: str, days: int, batch: int) -> int:
+        """
+        Delete up to C{batch} rows of C{table} older than C{days}; returns how many.
+        """
+        column = {"events": "at", "inbox": "received_at"}[table]
+        rows = await self.db.runQuery(
+            f"prune_{table}",
+            f"WITH doomed AS (SELECT id FROM {table}"
+            f" WHERE {column} < now() - make_interval(days => %s)"
+            f" ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
+            f" DELETE FROM {table} t USING doomed WHERE t.id = doomed.id RETURNING 1",
+            (days, batch),
+        )
+        return len(rows)
+
+    # --- administration (the ctrlgw command) ---
+
+    async def addController(self, controller: str, tokenHash: bytes, note: str) -> None:
+        await self.db.runOperation(
+            "controller_add",
+            "INSERT INTO controllers (controller_id, token_sha256, note) VALUES (%s, %s, %s)"
+            " ON CONFLICT (controller_id) DO UPDATE SET token_sha256 = EXCLUDED.token_sha256,"
+            " enabled = true, updated_at = now(), note = EXCLUDED.note",
+            (controller, tokenHash, note),
+        )
+
+    async def setControllerEnabled(self, controller: str, enabled: bool) -> bool:
+        rows = await self.db.runQuery(
+            "controller_enable",
+            "UPDATE controllers SET enabled = %s, updated_at = now()"
+            " WHERE controller_id = %s RETURNING 1",
+            (enabled, controller),
+        )
+        return bool(rows)
+
+    async def listControllers(self) -> list[tuple[Any, ...]]:
+        return await self.db.runQuery(
+            "controller_list",
+            "SELECT c.controller_id, c.enabled, c.created_at, c.note,"
+            " coalesce(s.online, false), s.instance_id, s.last_seen_at"
+            " FROM controllers c LEFT JOIN sessions s USING (controller_id)"
+            " ORDER BY c.controller_id",
+        )
+
+    async def history(self, controller: str, limit: int) -> list[tuple[Any, ...]]:
+        return await self.db.runQuery(
+            "history",
+            "SELECT at, kind, reason, instance_id, epoch, peer FROM events"
+            " WHERE controller_id = %s ORDER BY at DESC, id DESC LIMIT %s",
+            (controller, limit),
+        )

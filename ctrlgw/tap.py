@@ -1,0 +1,69 @@
+"""
+C{twistd ctrlgw}: command-line options and the service maker.
+
+This is the edge: the only module that imports the global reactor, and only inside
+L{makeService}.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from twisted.application.service import IService
+from twisted.python import usage
+
+from ctrlgw.config import ConfigError, GatewayConfig, Overrides, loadConfig
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run a ctrlgw controller gateway.  Settings come from the ini file (see "
+        "etc/ctrlgw.ini for every key); the options below override it."
+    )
+    optParameters = [
+        ["config", "c", "etc/ctrlgw.ini", "The ini file to read."],
+        ["instance-id", None, None, "This instance's id ([gateway] instance_id)."],
+        ["http", None, None, "Endpoint of the HTTP listener ([http] endpoint)."],
+        ["dsn", None, None, "PostgreSQL DSN ([database] dsn); empty runs the embedded server."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+        self.gatewayConfig: GatewayConfig | None = None
+
+    def opt_listen(self, value: str) -> None:
+        """
+        Endpoint of a controller listener, e.g. tcp:7000 ([listener:NAME] endpoint); give
+        NAME=ENDPOINT when several listeners are configured.  May be repeated.
+        """
+        self["listen"].append(value)
+
+    opt_l = opt_listen
+
+    def postOptions(self) -> None:
+        overrides = Overrides(
+            listen=tuple(self["listen"]),
+            instance_id=self["instance-id"],
+            http=self["http"],
+            dsn=self["dsn"],
+        )
+        try:
+            self.gatewayConfig = loadConfig(self["config"], overrides)
+        except ConfigError as e:
+            # One line naming file, section and key; a traceback would bury it.
+            sys.stderr.write(f"ctrlgw: {e}\n")
+            raise SystemExit(2) from None
+
+
+def makeService(options: Options, reactor: Any = None) -> IService:
+    if reactor is None:
+        from twisted.internet import reactor as globalReactor
+
+        reactor = globalReactor
+    from ctrlgw.service import Gateway
+
+    assert options.gatewayConfig is not None
+    return Gateway(options.gatewayConfig, reactor).service

@@ -1,0 +1,84 @@
+"""
+The HTTP listener: C{/metrics}, C{/healthz}, C{/readyz}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.twisted import MetricsResource
+from twisted.web.resource import Resource
+from twisted.web.server import Request
+
+# A readiness check answers (ok, detail).
+Check = Callable[[], tuple[bool, str]]
+
+
+class Readiness:
+    """
+    Named checks that must all pass for the instance to take traffic.
+    """
+
+    def __init__(self) -> None:
+        self._checks: dict[str, Check] = {}
+
+    def add(self, name: str, check: Check) -> None:
+        self._checks[name] = check
+
+    def evaluate(self) -> dict[str, dict[str, object]]:
+        return {
+            name: {"ok": ok, "detail": detail}
+            for name, (ok, detail) in ((n, c()) for n, c in self._checks.items())
+        }
+
+    def ready(self) -> bool:
+        return all(result["ok"] for result in self.evaluate().values())
+
+
+def _json(request: Request, status: int, body: object) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    return json.dumps(body, sort_keys=True).encode() + b"\n"
+
+
+class HealthResource(Resource):
+    """
+    200 while the process serves requests at all: a liveness probe.
+    """
+
+    isLeaf = True
+
+    def render_GET(self, request: Request) -> bytes:
+        return _json(request, 200, {"status": "ok"})
+
+
+class ReadyResource(Resource):
+    """
+    200 when every readiness check passes, else 503 naming the failing ones.
+    """
+
+    isLeaf = True
+
+    def __init__(self, readiness: Readiness) -> None:
+        super().__init__()
+        self.readiness = readiness
+
+    def render_GET(self, request: Request) -> bytes:
+        checks = self.readiness.evaluate()
+        failing = sorted(name for name, result in checks.items() if not result["ok"])
+        return _json(
+            request,
+            503 if failing else 200,
+            {"status": "unready" if failing else "ready", "failing": failing, "checks": checks},
+        )
+
+
+def makeRoot(registry: CollectorRegistry, readiness: Readiness) -> Resource:
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    root.putChild(b"healthz", HealthResource())
+    root.putChild(b"readyz", ReadyResource(readiness))
+    return root
