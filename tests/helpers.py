@@ -76,6 +76,23 @@ def makeClock(start: float = EPOCH_SECONDS) -> Clock:
     return clock
 
 
+def pump(clock: Clock, seconds: float) -> None:
+    """
+    Advance C{clock} by C{seconds} the way time passes: stopping at each delayed call
+    that comes due on the way, so that calls scheduled from calls run at their own time
+    (a single C{clock.advance(seconds)} runs them all at the end time).
+    """
+    target = clock.seconds() + seconds
+    while True:
+        due = [call.getTime() for call in clock.getDelayedCalls() if call.getTime() <= target]
+        if not due:
+            break
+        clock.rightNow = max(clock.rightNow, min(due))
+        clock.advance(0)
+    clock.rightNow = target
+    clock.advance(0)
+
+
 def millis(clock: Clock) -> int:
     """
     The clock's time as protocol milliseconds.

@@ -221,6 +221,7 @@ class ControllerProtocol(Protocol):
             )
             return
         d = ctx.sink.submit(session, message.id, message.ts, message.body)
+        self._send('ack', ref=message.id)
         d.addCallbacks(self._stored, self._notStored, (session, message.id), None, (message.id,))
 
     def _stored(self, _: None, session: Session, messageId: str) -> None:

@@ -1,0 +1,33 @@
+# Two entry points on a fresh machine:  make run   and   make test.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TESTS ?= tests
+CONFIG ?= etc/ctrlgw.ini
+
+.PHONY: run test install lint bench clean
+
+# Dependencies, installed once per change of the package metadata or the pins.
+$(VENV)/.deps: setup.cfg pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	$(BIN)/pip install -q -c constraints.txt '.[embedded,test]'
+	touch $@
+
+# ctrlgw itself, as a plain (non-editable) install: that is what twistd's plugin lookup
+# must work with.  Re-run every time so the installed copy matches the checkout.
+install: $(VENV)/.deps
+	$(BIN)/pip install -q --no-deps --no-build-isolation --force-reinstall .
+
+run: install
+	$(BIN)/twistd -n --pidfile= ctrlgw --config $(CONFIG)
+
+test: install
+	$(BIN)/python -m twisted.trial --temp-directory=var/_trial_temp $(TESTS)
+
+lint: install
+	$(BIN)/ruff check ctrlgw tests twisted
+	$(BIN)/mypy ctrlgw
+
+clean:
+	rm -rf $(VENV) build *.egg-info var/_trial_temp

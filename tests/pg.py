@@ -1,0 +1,130 @@
+"""
+A real PostgreSQL for tests.
+
+By default one embedded server (pgserver) per test process, started on first use, deleted
+at exit; C{CTRLGW_TEST_DSN} names an external server instead.  Every test gets a schema of
+its own, so tests never see each other's rows.  L{PrivatePostgres} is a server a test may
+stop and start again (to take the database away under a live gateway).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from ctrlgw.config import DatabaseConfig
+from ctrlgw.metrics import Metrics
+from ctrlgw.store.database import Database
+from ctrlgw.store.migrate import applyMigrations
+
+_shared: Any = None
+
+
+def sharedDsn() -> str:
+    global _shared
+    dsn = os.environ.get("CTRLGW_TEST_DSN")
+    if dsn:
+        return dsn
+    if _shared is None:
+        import pgserver
+
+        _shared = pgserver.get_server(tempfile.mkdtemp(prefix="ctrlgw-test-pg-"), cleanup_mode="delete")
+    return str(_shared.get_uri())
+
+
+def databaseConfig(schema: str, **overrides: Any) -> DatabaseConfig:
+    values: dict[str, Any] = dict(
+        dsn="",
+        data_dir="",
+        schema=schema,
+        migrate="auto",
+        pool_size=2,
+        connect_timeout=2.0,
+        statement_timeout=5.0,
+        idle_in_transaction_timeout=10.0,
+        reconnect_max_delay=0.5,
+    )
+    values.update(overrides)
+    return DatabaseConfig(**values)
+
+
+class PostgresTestCase(TestCase):
+    """
+    A trial test case with a migrated schema of its own: C{self.db}, C{self.dsn},
+    C{self.schema}, C{self.metrics}.
+    """
+
+    timeout = 60
+
+    async def _setUp(self) -> None:
+        self.dsn = await deferToThread(sharedDsn)
+        self.schema = "t_" + uuid.uuid4().hex[:12]
+        self.metrics = Metrics()
+        self.db = await self.openDatabase()
+        await applyMigrations(self.db)
+        self.addCleanup(self._dropSchema)
+
+    def setUp(self) -> Any:
+        from twisted.internet.defer import Deferred
+
+        return Deferred.fromCoroutine(self._setUp())
+
+    async def openDatabase(self, dsn: str | None = None, **overrides: Any) -> Database:
+        db = Database(reactor, databaseConfig(self.schema, **overrides), self.metrics)
+        await db.start(dsn or self.dsn)
+        self.addCleanup(db.stop)
+        return db
+
+    async def _dropSchema(self) -> None:
+        db = Database(reactor, databaseConfig(self.schema), Metrics())
+        await db.start(self.dsn)
+        try:
+            await db.runOperation("drop_schema", f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+        finally:
+            db.stop()
+
+
+class PrivatePostgres:
+    """
+    An embedded server of one test's own, which the test may stop and start.
+    """
+
+    def __init__(self) -> None:
+        import pgserver
+
+        self._pgserver = pgserver
+        self.path = Path(tempfile.mkdtemp(prefix="ctrlgw-private-pg-"))
+        self.server = pgserver.get_server(self.path, cleanup_mode="delete")
+        self.dsn = str(self.server.get_uri())
+        info = self.server.get_postmaster_info()
+        self.socketDir = str(info.socket_path) if info.socket_path else str(self.path)
+
+    def stop(self) -> None:
+        """
+        Stop the server the hard way (immediate mode: like a crash, no checkpoint).
+        """
+        self._pgserver.pg_ctl(
+            ["-w", "-m", "immediate", "stop"], pgdata=self.path, user=self.server.system_user
+        )
+
+    def start(self) -> None:
+        self._pgserver.pg_ctl(
+            ["-w", "-o", '-h ""', "-o", f"-k {self.socketDir}", "-l", str(self.path / "log"), "start"],
+            pgdata=self.path,
+            user=self.server.system_user,
+            timeout=30,
+        )
+
+    def destroy(self) -> None:
+        try:
+            self.server.cleanup()
+        finally:
+            shutil.rmtree(self.path, ignore_errors=True)
