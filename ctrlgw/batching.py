@@ -61,6 +61,7 @@ class BatchWriter(Generic[T]):
         self._timer: IDelayedCall | None = None
         self._retryDelay = 0.0
         self._stopped = False
+        self._abandoned = False
         self._drained: list[Deferred[None]] = []
 
     def __len__(self) -> int:
@@ -126,6 +127,12 @@ class BatchWriter(Generic[T]):
         # Nothing of the batch is confirmed: put it back in front, in order, and retry.
         self._inFlight = 0
         self._flushing = False
+        if self._abandoned:
+            # Abandoned while in flight: never confirmed, and never retried.
+            for _, d in batch:
+                d.errback(Failure(Unavailable("shutting down")))
+            self._onBufferedChanged(len(self))
+            return
         self._queue.extendleft(reversed(batch))
         self._retryDelay = min(self.retryMax, max(self.retryMin, self._retryDelay * 2))
         log.warn(
@@ -144,6 +151,13 @@ class BatchWriter(Generic[T]):
         self._startFlush()
 
     def _next(self) -> None:
+        if self._flushing or self._abandoned:
+            # A confirmed item's callback added items and started a flush (or abandoned
+            # the writer): one flush at a time, and no second timer.
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
         if len(self._queue) >= self.batchSize or (self._queue and self._stopped):
             self._startFlush()
         elif self._queue:
@@ -177,6 +191,7 @@ class BatchWriter(Generic[T]):
         acked is lost) and stop the timer.
         """
         self._stopped = True
+        self._abandoned = True
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

@@ -173,6 +173,15 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("max_failures", inRange(parseInt, 1, 1_000_000), "5"),
         Key("failure_window", inRange(parseDuration, 1, 86400), "60s"),
     ),
+    "cluster": (
+        Key("instance_ttl", inRange(parseDuration, 1, 3600), "30s"),
+        Key("heartbeat_interval", inRange(parseDuration, 0.1, 600), "10s"),
+        Key("reconcile_interval", inRange(parseDuration, 0.1, 3600), "15s"),
+        Key("flap_policy", oneOf("refuse", "log"), "refuse"),
+        Key("flap_threshold", inRange(parseInt, 2, 1000), "6"),
+        Key("flap_window", inRange(parseDuration, 1, 86400), "60s"),
+        Key("flap_cooldown", inRange(parseDuration, 1, 86400), "2m"),
+    ),
     "retention": (
         Key("events_days", inRange(parseInt, 1, 36500), "30"),
         Key("inbox_days", inRange(parseInt, 1, 36500), "30"),
@@ -270,6 +279,17 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    instance_ttl: float
+    heartbeat_interval: float
+    reconcile_interval: float
+    flap_policy: str
+    flap_threshold: int
+    flap_window: float
+    flap_cooldown: float
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     events_days: int
     inbox_days: int
@@ -289,6 +309,7 @@ class GatewayConfig:
     database: DatabaseConfig
     inbox: InboxConfig
     auth: AuthConfig
+    cluster: ClusterConfig
     retention: RetentionConfig
 
 
@@ -406,6 +427,15 @@ def parseConfig(
             f"or a live controller would be cut off between two pings",
         )
 
+    cluster = sections["cluster"]
+    if cluster["heartbeat_interval"] * 2 > cluster["instance_ttl"]:
+        raise ConfigError(
+            source,
+            "cluster",
+            "instance_ttl",
+            "must be at least twice heartbeat_interval, or a live instance would look dead",
+        )
+
     return GatewayConfig(
         source=source,
         instance_id=sections["gateway"]["instance_id"],
@@ -417,6 +447,7 @@ def parseConfig(
         database=DatabaseConfig(**sections["database"]),
         inbox=InboxConfig(**sections["inbox"]),
         auth=AuthConfig(**sections["auth"]),
+        cluster=ClusterConfig(**sections["cluster"]),
         retention=RetentionConfig(**sections["retention"]),
     )
 

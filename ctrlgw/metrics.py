@@ -77,6 +77,35 @@ class Metrics:
             registry=r,
         )
 
+        # Cluster ownership.
+        self.takeoverConvergence = Histogram(
+            "ctrlgw_takeover_convergence_seconds",
+            "From a claim committing on one instance to the old connection dropped on another.",
+            buckets=_SECONDS_FAST,
+            registry=r,
+        )
+        self.notificationsReceived = Counter(
+            "ctrlgw_takeover_notifications_total", "Takeover notifications received.", registry=r
+        )
+        self.reconcileAborts = Counter(
+            "ctrlgw_reconcile_aborts_total",
+            "Local connections dropped by reconciliation (their session was no longer ours).",
+            registry=r,
+        )
+        self.reconcileReleases = Counter(
+            "ctrlgw_reconcile_releases_total",
+            "Session rows released by reconciliation (ours, but no local connection).",
+            registry=r,
+        )
+        self.flapping = Counter(
+            "ctrlgw_flapping_detections_total",
+            "Claims that found a controller id flapping between connections.",
+            registry=r,
+        )
+        self.sessionsOwned = Gauge(
+            "ctrlgw_sessions_owned", "Controller sessions live on this instance.", registry=r
+        )
+
         # Database.
         self.dbUp = Gauge("ctrlgw_db_up", "1 when the database answers.", registry=r)
         self.dbQuerySeconds = Histogram(

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from ctrlgw.auth import FailureLimiter, tokenMatches
 from ctrlgw.batching import BatchWriter
 from ctrlgw.config import AuthConfig
-from ctrlgw.interfaces import AuthFailed, IOwnership, Session
+from ctrlgw.interfaces import AuthFailed, IOwnership, Session, Unavailable
 from ctrlgw.metrics import Metrics
 from ctrlgw.store.postgres import Event, Store
 
@@ -87,6 +87,7 @@ class PostgresOwnership:
         events: EventLog,
         auth: AuthConfig,
         metrics: Metrics,
+        admitting: bool = True,
     ) -> None:
         self.instance = store.instance
         self.store = store
@@ -94,6 +95,10 @@ class PostgresOwnership:
         self.auth = auth
         self.metrics = metrics
         self.limiter = FailureLimiter(clock, auth.max_failures, auth.failure_window)
+        # Claims wait until the cluster has registered this instance (and cleaned up what
+        # an earlier run under the same id left behind).
+        self.admitting = admitting
+        self._inFlight: dict[str, int] = {}
         self._releases: BatchWriter[tuple[str, int, str]] = BatchWriter(
             clock, lambda rows: Deferred.fromCoroutine(store.releaseSessions(rows)),
             batchSize=500, interval=0.01, maxBuffered=100_000, name="session releases",
@@ -102,10 +107,37 @@ class PostgresOwnership:
     def claim(self, controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:
         return Deferred.fromCoroutine(self._claim(controller, token, listener, peer))
 
+    def claimInFlight(self, controller: str) -> bool:
+        """
+        Whether a claim for C{controller} has started here and not yet been handed to its
+        connection.  Its Deferred's callbacks bind the connection in the same reactor turn
+        as the claim completes, so outside this window a claimed session is bound.
+        """
+        return controller in self._inFlight
+
     async def _claim(self, controller: str, token: str | None, listener: str, peer: str) -> Session:
-        if self.auth.mode == "token":
-            await self._authenticate(controller, token, peer)
-        claim = await self.store.claimSession(controller, listener, peer)
+        if not self.admitting:
+            raise Unavailable("the instance is not registered in the cluster yet")
+        self._inFlight[controller] = self._inFlight.get(controller, 0) + 1
+        try:
+            if self.auth.mode == "token":
+                await self._authenticate(controller, token, peer)
+            claim = await self.store.claimSession(controller, listener, peer)
+        finally:
+            remaining = self._inFlight.pop(controller) - 1
+            if remaining:
+                self._inFlight[controller] = remaining
+        if claim.flapping:
+            self.metrics.flapping.inc()
+            log.warn(
+                "{controller} is flapping: taken over repeatedly (two devices with one id?);"
+                " {what}",
+                controller=controller,
+                what="refusing new hellos for it" if claim.refused else "admitting anyway",
+            )
+        if claim.refused:
+            self.events.record(controller, "refused", "flapping", None, peer)
+            raise Unavailable("this controller id is flapping between connections; retry later")
         self.events.record(controller, "connect", listener, claim.epoch, peer)
         if claim.previousOnline:
             self.events.record(
@@ -134,9 +166,16 @@ class PostgresOwnership:
 
     def release(self, session: Session, reason: str) -> None:
         self.events.record(session.controller, "disconnect", reason, session.epoch, session.peer)
-        self._releases.add((session.controller, session.epoch, reason)).addErrback(
+        self.releaseRow(session.controller, session.epoch, reason)
+
+    def releaseRow(self, controller: str, epoch: int, reason: str) -> None:
+        """
+        Mark the session C{epoch} of C{controller} offline (batched; a newer epoch is left
+        alone).  If this is lost, reconciliation releases the row later.
+        """
+        self._releases.add((controller, epoch, reason)).addErrback(
             lambda f: log.warn("session release of {controller} not recorded: {error}",
-                               controller=session.controller, error=f.getErrorMessage())
+                               controller=controller, error=f.getErrorMessage())
         )
 
     def drain(self) -> Deferred[None]:

@@ -8,6 +8,7 @@ loss cannot leave an older connection registered over a newer one.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -24,8 +25,13 @@ class Registrable(Protocol):
 
 
 class ConnectionRegistry:
-    def __init__(self) -> None:
+    def __init__(self, rememberSuperseded: int = 100_000) -> None:
         self._byController: dict[str, Registrable] = {}
+        # The newest epoch announced by other instances per controller (bounded, oldest
+        # forgotten first): a claim that completes here after a newer one was announced
+        # elsewhere must lose at once, even though nothing was bound to kill yet.
+        self._announced: OrderedDict[str, int] = OrderedDict()
+        self._rememberSuperseded = rememberSuperseded
 
     def __len__(self) -> int:
         return len(self._byController)
@@ -41,6 +47,8 @@ class ConnectionRegistry:
         """
         session = connection.session
         assert session is not None
+        if self._announced.get(session.controller, 0) > session.epoch:
+            return connection
         current = self._byController.get(session.controller)
         if current is connection:
             return None
@@ -67,9 +75,14 @@ class ConnectionRegistry:
 
     def supersededBy(self, controller: str, epoch: int) -> Registrable | None:
         """
-        The registered connection of C{controller} if its epoch is lower than C{epoch}:
-        one another instance's newer session has made stale.
+        Note that C{controller} has a session of C{epoch} elsewhere, and return the
+        registered connection of C{controller} if its epoch is lower: the one to drop.
         """
+        if epoch > self._announced.get(controller, 0):
+            self._announced[controller] = epoch
+            self._announced.move_to_end(controller)
+            while len(self._announced) > self._rememberSuperseded:
+                self._announced.popitem(last=False)
         current = self._byController.get(controller)
         if current is not None and current.session is not None and current.session.epoch < epoch:
             return current

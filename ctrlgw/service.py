@@ -19,8 +19,11 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.web.server import Site
 
+from ctrlgw.api import ApiResource
+from ctrlgw.cluster import Cluster
 from ctrlgw.config import GatewayConfig
 from ctrlgw.inbox import Inbox
+from ctrlgw.interfaces import Unavailable
 from ctrlgw.metrics import Metrics
 from ctrlgw.ownership import EventLog, PostgresOwnership
 from ctrlgw.protocol import messages as v1
@@ -31,7 +34,7 @@ from ctrlgw.settler import RecordingSettler
 from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import startEmbedded
 from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion
-from ctrlgw.store.postgres import Store
+from ctrlgw.store.postgres import ClaimPolicy, Store
 from ctrlgw.web import Readiness, makeRoot
 
 log = Logger()
@@ -147,6 +150,9 @@ class PeriodicService(Service):
     async def _runJob(self) -> None:
         try:
             await self._job()
+        except Unavailable as e:
+            # The database layer already says loudly when it goes down.
+            log.debug("{name} skipped: {error}", name=self.name, error=e)
         except Exception as e:
             log.warn("{name}: {error}", name=self.name, error=e)
 
@@ -188,10 +194,21 @@ class Gateway:
         self.metrics = Metrics()
         self.readiness = Readiness()
         self.db = Database(reactor, config.database, self.metrics, f"ctrlgw {self.instance}")
-        self.store = Store(self.db, self.instance)
+        cluster = config.cluster
+        self.store = Store(
+            self.db,
+            self.instance,
+            ClaimPolicy(
+                flapThreshold=cluster.flap_threshold,
+                flapWindow=cluster.flap_window,
+                flapCooldown=cluster.flap_cooldown,
+                refuseFlapping=cluster.flap_policy == "refuse",
+                instanceTtl=cluster.instance_ttl,
+            ),
+        )
         self.events = EventLog(reactor, self.store, self.metrics)
         self.ownership = PostgresOwnership(
-            reactor, self.store, self.events, config.auth, self.metrics
+            reactor, self.store, self.events, config.auth, self.metrics, admitting=False
         )
         self.inbox = Inbox(reactor, self.store, config.inbox, self.metrics)
         self.registry = ConnectionRegistry()
@@ -205,6 +222,10 @@ class Gateway:
             settler=RecordingSettler(),
             metrics=self.metrics,
         )
+        self.cluster = Cluster(
+            reactor, self.store, self.registry, self.ownership, cluster, self.metrics,
+            lambda: self.instanceSkew,
+        )
         self.schemaVersion = 0
         self.instanceSkew: float | None = None
         self.service = self._buildTree()
@@ -216,10 +237,14 @@ class Gateway:
         self.readiness.add("database", lambda: (self.db.up, "up" if self.db.up else "unreachable"))
         self.readiness.add("migrations", self._migrationsCheck)
 
-        http = ListenerService(reactor, config.http.endpoint, Site(makeRoot(self.metrics.registry, self.readiness)), "http")
+        self.api = ApiResource(config.http.api_token, self.store)
+        root = makeRoot(self.metrics.registry, self.readiness, self.api)
+        http = ListenerService(reactor, config.http.endpoint, Site(root), "http")
         http.setName("http")
         http.setServiceParent(top)
 
+        CallbackService("cluster", stop=self._leaveCluster).setServiceParent(top)
+        self.readiness.add("cluster", self._clusterCheck)
         CallbackService("writers", stop=self._drainWriters).setServiceParent(top)
         PeriodicService(
             "clock-check", reactor, config.timestamps.clock_check_interval, self._checkClock
@@ -229,6 +254,12 @@ class Gateway:
             "retention", reactor, config.retention.prune_interval, self._prune
         ).setServiceParent(top)
 
+        PeriodicService(
+            "heartbeat", reactor, config.cluster.heartbeat_interval, self.cluster.heartbeat
+        ).setServiceParent(top)
+        PeriodicService(
+            "reconcile", reactor, config.cluster.reconcile_interval, self._reconcile
+        ).setServiceParent(top)
         CallbackService("connections", stop=self._byeEveryone).setServiceParent(top)
         for listener in config.listeners:
             factory = ControllerFactory(self.context, listener.name, listener.makeFraming)
@@ -264,6 +295,11 @@ class Gateway:
                 "schema {schema} is at version {have}, this release needs {want}: run ctrlgw migrate",
                 schema=self.db.schema, have=self.schemaVersion, want=latestVersion(),
             )
+            return
+        if not self.cluster.registered:
+            await self.cluster.register()
+        if not self.cluster.listener.running:
+            self.cluster.listener.start()
 
     def _migrationsCheck(self) -> tuple[bool, str]:
         want = latestVersion()
@@ -271,6 +307,26 @@ class Gateway:
 
     async def _stopDatabase(self) -> None:
         self.db.stop()
+
+    # --- cluster ---
+
+    def _clusterCheck(self) -> tuple[bool, str]:
+        if not self.cluster.registered:
+            return False, "instance not registered yet"
+        if not self.cluster.listener.listening:
+            return False, "not listening for takeovers"
+        return True, f"instance {self.instance}"
+
+    async def _reconcile(self) -> None:
+        if self.cluster.registered:
+            await self.cluster.reconcile()
+
+    async def _leaveCluster(self) -> None:
+        self.cluster.listener.stop()
+        try:
+            await self.cluster.unregister()
+        except Exception as e:
+            log.warn("could not unregister instance {instance}: {error}", instance=self.instance, error=e)
 
     # --- periodic jobs ---
 

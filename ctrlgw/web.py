@@ -76,8 +76,12 @@ class ReadyResource(Resource):
         )
 
 
-def makeRoot(registry: CollectorRegistry, readiness: Readiness) -> Resource:
+def makeRoot(
+    registry: CollectorRegistry, readiness: Readiness, api: Resource | None = None
+) -> Resource:
     root = Resource()
+    if api is not None:
+        root.putChild(b"v1", api)
     root.putChild(b"metrics", MetricsResource(registry=registry))
     root.putChild(b"healthz", HealthResource())
     root.putChild(b"readyz", ReadyResource(readiness))

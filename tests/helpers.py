@@ -50,7 +50,7 @@ def iniText(sections: Mapping[str, Mapping[str, object]]) -> str:
 def makeConfig(
     listener: Mapping[str, object] | None = None,
     listenerName: str = "main",
-    overrides: Overrides = Overrides(),
+    overrides: Overrides | None = None,
     source: str = "test.ini",
     **sections: Mapping[str, object],
 ) -> GatewayConfig:
@@ -64,7 +64,7 @@ def makeConfig(
     """
     listenerItems = {"endpoint": "tcp:0", **(listener or {})}
     text = iniText({f"listener:{listenerName}": listenerItems, **sections})
-    return parseConfig(text, source, overrides)
+    return parseConfig(text, source, overrides or Overrides())
 
 
 def makeClock(start: float = EPOCH_SECONDS) -> Clock:
@@ -119,7 +119,9 @@ class MemorySink:
     def __init__(self) -> None:
         self.submissions: list[Submission] = []
 
-    def submit(self, session: Session, messageId: str, deviceTs: int, body: object) -> Deferred[None]:
+    def submit(
+        self, session: Session, messageId: str, deviceTs: int, body: object
+    ) -> Deferred[None]:
         d: Deferred[None] = Deferred()
         self.submissions.append(Submission(session, messageId, deviceTs, body, d))
         return d

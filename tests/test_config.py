@@ -25,7 +25,9 @@ from .helpers import iniText, makeConfig
 
 SOURCE = "test.ini"
 LISTENER = {"listener:main": {"endpoint": "tcp:7000"}}
-EXAMPLE_INI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "ctrlgw.ini")
+EXAMPLE_INI = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "ctrlgw.ini"
+)
 LISTENER_SECTION = "listener:NAME"
 
 
@@ -42,14 +44,14 @@ class ConfigErrorAssertions(SynchronousTestCase):
         text: str,
         section: str | None,
         key: str | None,
-        overrides: Overrides = Overrides(),
+        overrides: Overrides | None = None,
         source: str = SOURCE,
     ) -> ConfigError:
         """
         Parsing C{text} fails with a one-line L{ConfigError} naming C{source}, C{section}
         and C{key}.
         """
-        error = self.assertRaises(ConfigError, parseConfig, text, source, overrides)
+        error = self.assertRaises(ConfigError, parseConfig, text, source, overrides or Overrides())
         message = str(error)
         self.assertEqual(message.splitlines(), [message], f"not one line: {message!r}")
         self.assertTrue(message.startswith(source + ":"), message)
@@ -266,7 +268,9 @@ class ErrorTests(ConfigErrorAssertions):
         )
 
     def test_badListenerName(self) -> None:
-        self.assertConfigError(iniText({"listener:a b": {"endpoint": "tcp:1"}}), "listener:a b", None)
+        self.assertConfigError(
+            iniText({"listener:a b": {"endpoint": "tcp:1"}}), "listener:a b", None
+        )
         self.assertConfigError(iniText({"listener:": {"endpoint": "tcp:1"}}), "listener:", None)
 
     def test_noListener(self) -> None:
@@ -302,7 +306,11 @@ class ListenerTests(SynchronousTestCase):
             iniText(
                 {
                     "listener:text": {"endpoint": "tcp:7000", "framing": "lines"},
-                    "listener:bin": {"endpoint": "tcp:7001", "framing": "int32", "max_frame": "100"},
+                    "listener:bin": {
+                        "endpoint": "tcp:7001",
+                        "framing": "int32",
+                        "max_frame": "100",
+                    },
                     "listener:ns": {"endpoint": "tcp:7002", "framing": "netstring"},
                 }
             ),
@@ -311,7 +319,7 @@ class ListenerTests(SynchronousTestCase):
         byName = {listener.name: listener for listener in config.listeners}
         self.assertEqual(set(byName), {"text", "bin", "ns"})
         self.assertEqual(
-            {name: (l.endpoint, l.framing) for name, l in byName.items()},
+            {name: (c.endpoint, c.framing) for name, c in byName.items()},
             {
                 "text": ("tcp:7000", "lines"),
                 "bin": ("tcp:7001", "int32"),
@@ -343,7 +351,9 @@ class OverridesTests(ConfigErrorAssertions):
         text = iniText({"listener:ctl": {"endpoint": "tcp:7000", "framing": "int32"}})
         config = parseConfig(text, SOURCE, Overrides(listen=("tcp:9000",)))
         (listener,) = config.listeners
-        self.assertEqual((listener.name, listener.endpoint, listener.framing), ("ctl", "tcp:9000", "int32"))
+        self.assertEqual(
+            (listener.name, listener.endpoint, listener.framing), ("ctl", "tcp:9000", "int32")
+        )
 
     def test_bareListenWithEquals(self) -> None:
         """
@@ -352,7 +362,7 @@ class OverridesTests(ConfigErrorAssertions):
         text = iniText({"listener:ctl": {"endpoint": "tcp:7000"}})
         endpoint = "tcp:9000:interface=127.0.0.1"
         config = parseConfig(text, SOURCE, Overrides(listen=(endpoint,)))
-        self.assertEqual([(l.name, l.endpoint) for l in config.listeners], [("ctl", endpoint)])
+        self.assertEqual([(c.name, c.endpoint) for c in config.listeners], [("ctl", endpoint)])
 
     def test_bareListenWithoutListeners(self) -> None:
         config = parseConfig("", SOURCE, Overrides(listen=("tcp:9000",)))
@@ -381,7 +391,7 @@ class OverridesTests(ConfigErrorAssertions):
             text, SOURCE, Overrides(listen=("a=tcp:9000:interface=::1", "c=tcp:9002"))
         )
         self.assertEqual(
-            [(l.name, l.endpoint, l.framing) for l in config.listeners],
+            [(c.name, c.endpoint, c.framing) for c in config.listeners],
             [
                 ("a", "tcp:9000:interface=::1", "netstring"),
                 ("b", "tcp:7001", "lines"),

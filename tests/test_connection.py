@@ -5,7 +5,6 @@ a L{StringTransport}.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -18,10 +17,10 @@ from ctrlgw.config import ListenerConfig
 from ctrlgw.interfaces import AuthFailed, Fenced, IOwnership, Session, Unavailable
 from ctrlgw.ownership import LocalOwnership
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.connection import ControllerProtocol, State
+from ctrlgw.protocol.connection import State
 from ctrlgw.settler import RecordingSettler
 
-from .helpers import FakeController, MemorySink, makeConfig, makeContext, makeClock, millis, pump
+from .helpers import FakeController, MemorySink, makeClock, makeConfig, makeContext, millis, pump
 
 HELLO_TIMEOUT = 5.0
 PING_INTERVAL = 10.0
@@ -46,7 +45,9 @@ class PendingOwnership(LocalOwnership):
         self.claims: list[tuple[Deferred[Session], Session]] = []
         self.tokens: list[str | None] = []
 
-    def claim(self, controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:
+    def claim(
+        self, controller: str, token: str | None, listener: str, peer: str
+    ) -> Deferred[Session]:
         sessions: list[Session] = []
         super().claim(controller, token, listener, peer).addCallback(sessions.append)
         self.tokens.append(token)
@@ -82,9 +83,7 @@ class ConnectionTestCase(SynchronousTestCase):
             timestamps={"max_age": f"{MAX_AGE:g}s", "max_future": f"{MAX_FUTURE:g}s"},
         )
         (self.listener,) = self.config.listeners
-        self.context = makeContext(
-            self.config, self.clock, self.sink, self.ownership, self.settler
-        )
+        self.context = makeContext(self.config, self.clock, self.sink, self.ownership, self.settler)
         self.metrics = self.context.metrics
 
     def makeOwnership(self) -> LocalOwnership:
@@ -110,12 +109,12 @@ class ConnectionTestCase(SynchronousTestCase):
         The gateway wrote exactly frames that contain the C{expected} fields, in order.
         """
         frames = fake.received()
+        self.assertEqual(len(frames), len(expected), f"received {frames!r}")
         self.assertEqual(
-            [{k: f.get(k) for k in e} for f, e in zip(frames, expected)],
+            [{k: f.get(k) for k in e} for f, e in zip(frames, expected, strict=True)],
             list(expected),
             f"received {frames!r}",
         )
-        self.assertEqual(len(frames), len(expected), f"received {frames!r}")
         return frames
 
     def assertClosedWith(self, fake: FakeController, code: str | None, bye: str) -> None:
@@ -196,7 +195,8 @@ class HelloTests(ConnectionTestCase):
         """
         fake = self.connect()
         fake.sendRaw(
-            fake.frame({"type": "msg", "id": "m1"}) + fake.frame({"type": "hello", "controller": "c1"})
+            fake.frame({"type": "msg", "id": "m1"})
+            + fake.frame({"type": "hello", "controller": "c1"})
         )
         self.assertClosedWith(fake, v1.HELLO_REQUIRED, v1.BYE_PROTOCOL_ERROR)
         fake.send({"type": "hello", "controller": "c1"})
@@ -261,7 +261,9 @@ class ClaimTests(ConnectionTestCase):
         self.assertEqual(fake.received(), [])
         self.advance(1)
         session = self.ownership.complete(0)
-        self.assertFrames(fake, {"type": "welcome", "session": session.session, "ts": millis(self.clock)})
+        self.assertFrames(
+            fake, {"type": "welcome", "session": session.session, "ts": millis(self.clock)}
+        )
 
     def test_framesWhileClaiming(self) -> None:
         """
@@ -498,7 +500,11 @@ class MessageTests(ConnectionTestCase):
         session = fake.protocol.session
         self.assertEqual(
             self.settler.answers,
-            [(session, "cmd-1", True, ""), (session, "cmd-2", False, "busy"), (session, "cmd-3", False, "")],
+            [
+                (session, "cmd-1", True, ""),
+                (session, "cmd-2", False, "busy"),
+                (session, "cmd-3", False, ""),
+            ],
         )
         self.assertEqual(fake.received(), [])
 
@@ -598,7 +604,9 @@ class IdleTests(ConnectionTestCase):
         self.assertNotIn("bye", [f["type"] for f in fake.received()])
         self.assertFalse(fake.transport.disconnecting)
         self.advance(EPS)
-        self.assertEqual(fake.received()[-1], {"type": "bye", "ts": millis(self.clock), "reason": "idle_timeout"})
+        self.assertEqual(
+            fake.received()[-1], {"type": "bye", "ts": millis(self.clock), "reason": "idle_timeout"}
+        )
 
     def test_partialFrameIsNotActivity(self) -> None:
         fake, _ = self.live()
@@ -683,7 +691,14 @@ class DeliverTests(ConnectionTestCase):
         self.assertTrue(fake.protocol.deliver("cmd-1", {"set": 3}, expires))
         (cmd,) = self.assertFrames(fake, {"type": "cmd"})
         self.assertEqual(
-            cmd, {"type": "cmd", "ts": millis(self.clock), "id": "cmd-1", "expires": expires, "body": {"set": 3}}
+            cmd,
+            {
+                "type": "cmd",
+                "ts": millis(self.clock),
+                "id": "cmd-1",
+                "expires": expires,
+                "body": {"set": 3},
+            },
         )
         self.assertNotEqual(cmd["ts"], createdAt)
 

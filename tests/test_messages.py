@@ -5,7 +5,7 @@ Tests for L{ctrlgw.protocol.messages}: decoding controller frames, encoding gate
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, TypeVar
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -16,8 +16,20 @@ from ctrlgw.protocol import messages as v1
 TS = 1_700_000_000_123
 
 
+M = TypeVar("M")
+
+
 def payload(**fields: Any) -> bytes:
     return json.dumps(fields).encode("utf-8")
+
+
+def decodeAs(kind: type[M], data: bytes) -> M:
+    """
+    Decode C{data}, which must be a message of class C{kind}.
+    """
+    message = v1.decode(data)
+    assert isinstance(message, kind), message
+    return message
 
 
 class DecodeTests(SynchronousTestCase):
@@ -88,20 +100,21 @@ class DecodeTests(SynchronousTestCase):
         Ids, tokens and reasons at their maximum length are accepted.
         """
         longId = "i" * v1.MAX_ID_LENGTH
-        self.assertEqual(v1.decode(payload(type="msg", ts=TS, id=longId)).id, longId)
-        self.assertEqual(v1.decode(payload(type="ack", ts=TS, ref=longId)).ref, longId)
+        self.assertEqual(decodeAs(v1.Msg, payload(type="msg", ts=TS, id=longId)).id, longId)
+        self.assertEqual(decodeAs(v1.Ack, payload(type="ack", ts=TS, ref=longId)).ref, longId)
         token = "t" * v1.MAX_TOKEN_LENGTH
         self.assertEqual(
-            v1.decode(payload(type="hello", ts=TS, controller="c", token=token)).token, token
+            decodeAs(v1.Hello, payload(type="hello", ts=TS, controller="c", token=token)).token,
+            token,
         )
         reason = "r" * v1.MAX_REASON_LENGTH
         self.assertEqual(
-            v1.decode(payload(type="nack", ts=TS, ref="x", reason=reason)).reason, reason
+            decodeAs(v1.Nack, payload(type="nack", ts=TS, ref="x", reason=reason)).reason, reason
         )
 
     @given(st.from_regex(r"[A-Za-z0-9._:-]{1,128}", fullmatch=True))
     def test_validControllerIds(self, controller: str) -> None:
-        message = v1.decode(payload(type="hello", ts=TS, controller=controller))
+        message = decodeAs(v1.Hello, payload(type="hello", ts=TS, controller=controller))
         self.assertEqual(message.controller, controller)
 
 
@@ -155,15 +168,15 @@ class DecodeErrorTests(SynchronousTestCase):
             self.assertCode(v1.BAD_MESSAGE, payload(type=kind, ts=TS))
 
     def test_badTimestamp(self) -> None:
-        for kind in ("hello", "msg", "ack", "nack", "ping", "pong"):
-            fields: dict[str, Any] = {
-                "hello": {"controller": "c"},
-                "msg": {"id": "m"},
-                "ack": {"ref": "r"},
-                "nack": {"ref": "r"},
-                "ping": {},
-                "pong": {"echo": 1},
-            }[kind]
+        valid: dict[str, dict[str, Any]] = {
+            "hello": {"controller": "c"},
+            "msg": {"id": "m"},
+            "ack": {"ref": "r"},
+            "nack": {"ref": "r"},
+            "ping": {},
+            "pong": {"echo": 1},
+        }
+        for kind, fields in valid.items():
             ref = "m" if kind == "msg" else None
             self.assertCode(v1.BAD_MESSAGE, payload(type=kind, **fields), ref)
             for ts in (None, "1700000000000", 1.5, 1e12, -1, True, False, [1]):
@@ -188,7 +201,9 @@ class DecodeErrorTests(SynchronousTestCase):
 
     def test_badToken(self) -> None:
         for token in ("", 5, ["t"], "t" * (v1.MAX_TOKEN_LENGTH + 1)):
-            self.assertCode(v1.BAD_MESSAGE, payload(type="hello", ts=TS, controller="c", token=token))
+            self.assertCode(
+                v1.BAD_MESSAGE, payload(type="hello", ts=TS, controller="c", token=token)
+            )
 
     def test_badControllerId(self) -> None:
         for controller in (
@@ -205,7 +220,9 @@ class DecodeErrorTests(SynchronousTestCase):
             "\nabc",
             "tab\t",
         ):
-            self.assertCode(v1.BAD_CONTROLLER_ID, payload(type="hello", ts=TS, controller=controller))
+            self.assertCode(
+                v1.BAD_CONTROLLER_ID, payload(type="hello", ts=TS, controller=controller)
+            )
         self.assertCode(v1.BAD_CONTROLLER_ID, payload(type="hello", ts=TS))
 
     @given(st.text(min_size=1, max_size=130))
@@ -217,7 +234,7 @@ class DecodeErrorTests(SynchronousTestCase):
         valid = len(controller) <= 128 and set(controller) <= allowed
         data = payload(type="hello", ts=TS, controller=controller)
         if valid:
-            self.assertEqual(v1.decode(data).controller, controller)
+            self.assertEqual(decodeAs(v1.Hello, data).controller, controller)
         else:
             self.assertCode(v1.BAD_CONTROLLER_ID, data)
 
@@ -290,15 +307,17 @@ class EncodeTests(SynchronousTestCase):
         An id a controller sent with a lone surrogate escape (valid JSON, no UTF-8 form)
         is echoed back as valid UTF-8 JSON that decodes to the same id.
         """
-        message = v1.decode(b'{"type":"msg","ts":1,"id":"m\\ud800"}')
+        message = decodeAs(v1.Msg, b'{"type":"msg","ts":1,"id":"m\\ud800"}')
         data = v1.encode("ack", TS, ref=message.id)
         self.assertEqual(json.loads(data.decode("utf-8"))["ref"], message.id)
 
     @given(
         st.recursive(
             st.none() | st.booleans() | st.integers() | st.text(),
-            lambda children: st.lists(children, max_size=4)
-            | st.dictionaries(st.text(max_size=5), children, max_size=4),
+            lambda children: (
+                st.lists(children, max_size=4)
+                | st.dictionaries(st.text(max_size=5), children, max_size=4)
+            ),
             max_leaves=20,
         )
     )
@@ -313,6 +332,6 @@ class EncodeTests(SynchronousTestCase):
         """
         Any msg id the decoder accepts can be echoed in an ack that decodes to it.
         """
-        message = v1.decode(json.dumps({"type": "msg", "ts": TS, "id": messageId}).encode())
+        message = decodeAs(v1.Msg, json.dumps({"type": "msg", "ts": TS, "id": messageId}).encode())
         data = v1.encode("ack", TS, ref=message.id)
         self.assertEqual(json.loads(data.decode("utf-8"))["ref"], messageId)

@@ -123,6 +123,6 @@ class RegistryTests(SynchronousTestCase):
         connections = [connection(f"c{i}", 1) for i in range(5)]
         for c in connections:
             self.registry.bind(c)
-        for c in self.registry:
-            self.registry.unbind(c)
+        for registered in self.registry:
+            self.registry.unbind(registered)
         self.assertEqual(len(self.registry), 0)

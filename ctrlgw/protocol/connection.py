@@ -102,6 +102,13 @@ class ControllerProtocol(Protocol):
         self._lastPingTs: int | None = None
         self._peer = ""
 
+    @property
+    def lastHeard(self) -> float:
+        """
+        When the last frame arrived (clock seconds).
+        """
+        return self._lastHeard
+
     # --- Twisted protocol events ---
 
     def connectionMade(self) -> None:
@@ -221,7 +228,6 @@ class ControllerProtocol(Protocol):
             )
             return
         d = ctx.sink.submit(session, message.id, message.ts, message.body)
-        self._send('ack', ref=message.id)
         d.addCallbacks(self._stored, self._notStored, (session, message.id), None, (message.id,))
 
     def _stored(self, _: None, session: Session, messageId: str) -> None:

@@ -17,6 +17,13 @@ from ctrlgw.config import LivenessConfig
 
 log = Logger()
 
+# Linux refuses TCP_KEEPIDLE and TCP_KEEPINTVL above this many seconds (EINVAL).
+_MAX_KEEPALIVE_SECONDS = 32767
+
+
+def _keepaliveSeconds(seconds: float) -> int:
+    return min(_MAX_KEEPALIVE_SECONDS, max(1, int(seconds)))
+
 
 def findSocket(transport: Any) -> socket.socket | None:
     """
@@ -41,9 +48,11 @@ def applyLiveness(sock: socket.socket, liveness: LivenessConfig) -> None:
         return
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(liveness.keepalive))
     if liveness.keepalive:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, max(1, int(liveness.keepalive_idle)))
         sock.setsockopt(
-            socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, int(liveness.keepalive_interval))
+            socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, _keepaliveSeconds(liveness.keepalive_idle)
+        )
+        sock.setsockopt(
+            socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, _keepaliveSeconds(liveness.keepalive_interval)
         )
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, liveness.keepalive_count)
     sock.setsockopt(

@@ -42,6 +42,30 @@ class Claim:
     previousInstance: str | None
     previousEpoch: int | None
     previousOnline: bool
+    flapping: bool = False
+    refused: bool = False
+    blockedUntil: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimPolicy:
+    """
+    Cluster settings a claim applies (see L{ctrlgw.config.ClusterConfig}).
+    """
+
+    flapThreshold: int = 6
+    flapWindow: float = 60.0
+    flapCooldown: float = 120.0
+    refuseFlapping: bool = True
+    instanceTtl: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRow:
+    controller: str
+    epoch: int
+    instance: str
+    online: bool
 
 
 STORED = "stored"
@@ -67,8 +91,50 @@ FROM current c LEFT JOIN inserted i USING (controller_id, message_id)
 """
 
 _CLAIM = """
-SELECT new_epoch, previous_instance, previous_epoch, previous_online
-FROM claim_session(%(controller)s, %(session)s, %(instance)s, %(listener)s, %(peer)s)
+SELECT new_epoch, previous_instance, previous_epoch, previous_online, flapping, refused,
+       extract(epoch FROM blocked_until)::float8
+FROM claim_session(%(controller)s, %(session)s, %(instance)s, %(listener)s, %(peer)s,
+                   %(flapThreshold)s, make_interval(secs => %(flapWindow)s),
+                   make_interval(secs => %(flapCooldown)s), %(refuseFlapping)s,
+                   make_interval(secs => %(instanceTtl)s))
+"""
+
+_RECONCILE = """
+WITH local AS (
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::float8[]) AS l(controller_id, epoch, heard)
+), touched AS (
+    UPDATE sessions s SET last_seen_at = to_timestamp(l.heard)
+    FROM local l
+    WHERE s.controller_id = l.controller_id AND s.epoch = l.epoch AND s.online
+)
+SELECT s.controller_id, s.epoch, s.instance_id, s.online FROM sessions s
+WHERE s.controller_id IN (SELECT controller_id FROM local)
+   OR (s.instance_id = %s AND s.online)
+"""
+
+_REGISTER_INSTANCE = """
+WITH cleaned AS (
+    UPDATE sessions SET online = false, disconnected_at = now(),
+        disconnect_reason = 'instance_restart'
+    WHERE instance_id = %(instance)s AND online
+    RETURNING 1
+), registered AS (
+    INSERT INTO instances (instance_id, host, pid) VALUES (%(instance)s, %(host)s, %(pid)s)
+    ON CONFLICT (instance_id) DO UPDATE SET started_at = now(), heartbeat_at = now(),
+        host = EXCLUDED.host, pid = EXCLUDED.pid
+)
+SELECT count(*) FROM cleaned
+"""
+
+_PRESENCE = """
+SELECT s.controller_id,
+       s.online AND coalesce(i.heartbeat_at > now() - make_interval(secs => %(ttl)s), false),
+       s.instance_id, s.epoch, s.session_id::text, s.listener, s.peer,
+       s.connected_at, s.last_seen_at, s.disconnected_at, s.disconnect_reason
+FROM sessions s LEFT JOIN instances i USING (instance_id)
+WHERE s.epoch <> 0 AND (%(controller)s::text IS NULL OR s.controller_id = %(controller)s)
+ORDER BY s.controller_id
+LIMIT %(limit)s
 """
 
 _RELEASE = """
@@ -90,9 +156,10 @@ class Store:
     ctrlgw's queries against one L{Database}, on behalf of instance C{instance}.
     """
 
-    def __init__(self, db: Database, instance: str) -> None:
+    def __init__(self, db: Database, instance: str, policy: ClaimPolicy = ClaimPolicy()) -> None:
         self.db = db
         self.instance = instance
+        self.policy = policy
 
     async def writeInbox(self, rows: Sequence[InboxRow]) -> list[object]:
         """
@@ -128,10 +195,63 @@ class Store:
                 "instance": self.instance,
                 "listener": listener,
                 "peer": peer,
+                "flapThreshold": self.policy.flapThreshold,
+                "flapWindow": self.policy.flapWindow,
+                "flapCooldown": self.policy.flapCooldown,
+                "refuseFlapping": self.policy.refuseFlapping,
+                "instanceTtl": self.policy.instanceTtl,
             },
         )
-        epoch, previousInstance, previousEpoch, previousOnline = rows[0]
-        return Claim(session, epoch, previousInstance, previousEpoch, bool(previousOnline))
+        epoch, previousInstance, previousEpoch, previousOnline, flapping, refused, until = rows[0]
+        return Claim(
+            session, epoch, previousInstance, previousEpoch, bool(previousOnline),
+            bool(flapping), bool(refused), until,
+        )
+
+    async def reconcile(self, local: Sequence[tuple[str, int, float]]) -> list[SessionRow]:
+        """
+        Record when each local session was last heard, and return the session rows of
+        every local controller and every row this instance owns.
+        """
+        rows = await self.db.runQuery(
+            "reconcile",
+            _RECONCILE,
+            ([c for c, _, _ in local], [e for _, e, _ in local], [h for _, _, h in local],
+             self.instance),
+        )
+        return [SessionRow(c, e, i, bool(o)) for c, e, i, o in rows]
+
+    async def registerInstance(self, host: str, pid: int) -> int:
+        """
+        Announce this instance (heartbeat row); first mark offline every session an earlier
+        run with the same id left behind.  Returns how many were.
+        """
+        rows = await self.db.runQuery(
+            "instance_register",
+            _REGISTER_INSTANCE,
+            {"instance": self.instance, "host": host, "pid": pid},
+        )
+        return int(rows[0][0])
+
+    async def heartbeat(self) -> bool:
+        rows = await self.db.runQuery(
+            "instance_heartbeat",
+            "UPDATE instances SET heartbeat_at = now() WHERE instance_id = %s RETURNING 1",
+            (self.instance,),
+        )
+        return bool(rows)
+
+    async def unregisterInstance(self) -> None:
+        await self.db.runOperation(
+            "instance_unregister", "DELETE FROM instances WHERE instance_id = %s", (self.instance,)
+        )
+
+    async def presence(self, controller: str | None, limit: int = 1000) -> list[tuple[Any, ...]]:
+        return await self.db.runQuery(
+            "presence",
+            _PRESENCE,
+            {"controller": controller, "ttl": self.policy.instanceTtl, "limit": limit},
+        )
 
     async def releaseSessions(self, rows: Sequence[tuple[str, int, str]]) -> list[object]:
         await self.db.runOperation(

@@ -1,0 +1,141 @@
+"""
+The HTTP API under C{/v1}: presence of controllers (and, with the outbox, commands).
+
+Every request needs C{Authorization: Bearer <[http] api_token>}; with no token configured
+the API is off (404), so it is never open by accident.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET, Request
+
+from ctrlgw.interfaces import Unavailable
+from ctrlgw.protocol.messages import CONTROLLER_ID
+from ctrlgw.store.postgres import Store
+
+log = Logger()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def presenceJson(row: tuple[Any, ...]) -> dict[str, Any]:
+    """
+    One row of L{Store.presence} as the API (and C{ctrlgw sessions --json}) shows it.
+    """
+    names = (
+        "controller", "online", "instance", "epoch", "session", "listener", "peer",
+        "connected_at", "last_seen_at", "disconnected_at", "disconnect_reason",
+    )
+    return {name: _jsonable(value) for name, value in zip(names, row, strict=True)}
+
+
+def _finish(request: Request, status: int, body: object) -> None:
+    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+        return
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    request.setHeader(b"cache-control", b"no-store")
+    request.write(json.dumps(body, sort_keys=True).encode() + b"\n")
+    request.finish()
+
+
+class ApiResource(Resource):
+    """
+    Dispatches C{/v1/...} to async handlers after checking the bearer token.
+    """
+
+    isLeaf = True
+
+    def __init__(self, token: str, store: Store) -> None:
+        super().__init__()
+        self.token = token.encode()
+        self.store = store
+        Routes = list[tuple[bytes, int, Callable[..., Awaitable[tuple[int, object]]]]]
+        self.routes: Routes = [
+            (b"GET", 1, self.listControllers),
+            (b"GET", 2, self.getController),
+        ]
+
+    def addRoute(
+        self, method: bytes, depth: int, handler: Callable[..., Awaitable[tuple[int, object]]]
+    ) -> None:
+        """
+        Add a handler for requests of C{method} with C{depth} path segments under /v1; it
+        gets the segments as arguments and returns (status, body), or None to pass.
+        """
+        self.routes.append((method, depth, handler))
+
+    def render(self, request: Request) -> Any:
+        Deferred.fromCoroutine(self._handle(request))
+        return NOT_DONE_YET
+
+    async def _handle(self, request: Request) -> None:
+        try:
+            self._authorize(request)
+            status, body = await self._dispatch(request)
+        except ApiError as e:
+            status, body = e.status, {"error": e.message}
+        except Unavailable as e:
+            status, body = 503, {"error": str(e)}
+        except Exception:
+            log.failure("API request {path} failed", path=request.path)
+            status, body = 500, {"error": "internal error"}
+        _finish(request, status, body)
+
+    def _authorize(self, request: Request) -> None:
+        if not self.token:
+            raise ApiError(404, "the API is off: set [http] api_token")
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, presented = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(presented.strip(), self.token):
+            request.setHeader(b"www-authenticate", b'Bearer realm="ctrlgw"')
+            raise ApiError(401, "missing or wrong bearer token")
+
+    async def _dispatch(self, request: Request) -> tuple[int, object]:
+        segments = [s.decode("utf-8", "replace") for s in request.postpath if s]
+        for method, depth, handler in self.routes:
+            if len(segments) == depth and request.method == method:
+                result = await handler(request, *segments)
+                if result is not None:
+                    return result
+        raise ApiError(404, "no such resource")
+
+    # --- presence ---
+
+    async def listControllers(self, request: Request, collection: str) -> tuple[int, object] | None:
+        if collection != "controllers":
+            return None
+        rows = await self.store.presence(None)
+        return 200, {"controllers": [presenceJson(row) for row in rows]}
+
+    async def getController(
+        self, request: Request, collection: str, controller: str
+    ) -> tuple[int, object] | None:
+        if collection != "controllers":
+            return None
+        if not CONTROLLER_ID.match(controller):
+            raise ApiError(400, "not a controller id")
+        rows = await self.store.presence(controller)
+        if not rows:
+            return 200, {"controller": controller, "online": False, "known": False}
+        return 200, dict(presenceJson(rows[0]), known=True)

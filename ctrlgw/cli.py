@@ -1,0 +1,493 @@
+"""
+C{ctrlgw}: the administration command (migrations, controllers, connection history).
+
+C{main} is the console script: it imports the global reactor and runs L{run} under
+L{react}.  Everything else takes the reactor and the output streams as arguments, so tests
+call C{await run(reactor, argv, out=..., err=...)} directly.
+
+Exit codes: 0 success, 1 the command could not be carried out (database unreachable,
+schema not migrated, unknown controller), 2 a usage or configuration error.  An expected
+failure is one line C{ctrlgw: ...} on the error stream, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, NoReturn, TextIO
+
+import psycopg2  # exception classes and DSN parsing only: every query goes through Database
+import psycopg2.extensions
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+
+from ctrlgw.auth import hashToken, newToken
+from ctrlgw.config import ConfigError, Overrides, loadConfig, parseIdentifier
+from ctrlgw.interfaces import Unavailable
+from ctrlgw.metrics import Metrics
+from ctrlgw.protocol.messages import CONTROLLER_ID
+from ctrlgw.store.database import Database
+from ctrlgw.store.embedded import startEmbedded
+from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion
+from ctrlgw.store.postgres import Store
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+DEFAULT_CONFIG = "etc/ctrlgw.ini"
+# The instance name the command's Store acts as (only written by gateway code paths).
+_CLI_INSTANCE = "ctrlgw-cli"
+
+
+class CommandFailed(Exception):
+    """
+    An expected failure: C{message} is printed as one line, C{code} is the exit code.
+    """
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+def _firstLine(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].strip() if text else type(e).__name__
+
+
+# --- command line ---
+
+
+def _positiveInt(raw: str) -> int:
+    try:
+        value = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {raw!r}") from None
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 100000, got {raw!r}")
+    return value
+
+
+def _commonOptions(suppress: bool) -> argparse.ArgumentParser:
+    """
+    The options every command takes.  They are accepted before and after the command name;
+    after it, their default is suppressed so they do not undo a value given before it.
+    """
+    default: Any = argparse.SUPPRESS
+    parser = argparse.ArgumentParser(add_help=False)
+    group = parser.add_argument_group("common options")
+    group.add_argument(
+        "--config",
+        metavar="PATH",
+        default=default if suppress else DEFAULT_CONFIG,
+        help=f"the ini file to read (default: {DEFAULT_CONFIG})",
+    )
+    group.add_argument(
+        "--dsn",
+        metavar="DSN",
+        default=default if suppress else None,
+        help="PostgreSQL DSN, overriding [database] dsn; empty uses the embedded server "
+        "in [database] data_dir",
+    )
+    group.add_argument(
+        "--schema",
+        metavar="NAME",
+        default=default if suppress else None,
+        help="the schema to use, overriding [database] schema",
+    )
+    return parser
+
+
+def makeParser() -> argparse.ArgumentParser:
+    after = [_commonOptions(suppress=True)]
+    parser = argparse.ArgumentParser(
+        prog="ctrlgw",
+        description="Administer a ctrlgw database: migrations, controllers, history.",
+        parents=[_commonOptions(suppress=False)],
+        epilog="Exit status: 0 success, 1 failure (database, unknown controller), "
+        "2 usage or configuration error.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    migrate = commands.add_parser("migrate", parents=after, help="apply pending schema migrations")
+    migrate.set_defaults(handler=_migrate, needsSchema=False)
+
+    controllers = commands.add_parser(
+        "controllers", parents=after, help="register, enable, disable and list controllers"
+    )
+    actions = controllers.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    add = actions.add_parser(
+        "add",
+        parents=after,
+        help="register a controller (or re-key it) with a new token, shown once",
+    )
+    add.add_argument("controller", metavar="ID")
+    add.add_argument("--note", default="", help="free text stored with the controller")
+    add.set_defaults(handler=_add, needsSchema=True)
+
+    for name, enabled in (("disable", False), ("enable", True)):
+        action = actions.add_parser(
+            name, parents=after, help=f"{name} a controller (effective at its next hello)"
+        )
+        action.add_argument("controller", metavar="ID")
+        action.set_defaults(handler=_setEnabled, enabled=enabled, needsSchema=True)
+
+    listing = actions.add_parser("list", parents=after, help="list registered controllers")
+    listing.add_argument("--json", action="store_true", help="print a JSON array")
+    listing.set_defaults(handler=_list, needsSchema=True)
+
+    history = commands.add_parser(
+        "history", parents=after, help="a controller's connection history, newest first"
+    )
+    history.add_argument("controller", metavar="CONTROLLER")
+    history.add_argument(
+        "--limit", type=_positiveInt, default=50, help="most events to show (default: 50)"
+    )
+    history.add_argument("--json", action="store_true", help="print a JSON array")
+    history.set_defaults(handler=_history, needsSchema=True)
+    return parser
+
+
+def parseArguments(argv: Sequence[str], out: TextIO, err: TextIO) -> argparse.Namespace | int:
+    """
+    Parse C{argv}; returns the namespace, or the exit code when argparse has already
+    answered (C{--help}: 0, a usage error: 2) on C{out}/C{err}.
+    """
+    parser = makeParser()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            return parser.parse_args(list(argv))
+        except SystemExit as e:
+            return e.code if isinstance(e.code, int) else EXIT_USAGE
+
+
+# --- running ---
+
+
+@dataclasses.dataclass
+class Context:
+    args: argparse.Namespace
+    db: Database
+    store: Store
+    out: TextIO
+
+    @property
+    def schema(self) -> str:
+        return self.db.schema
+
+
+async def run(
+    reactor: Any,
+    argv: Sequence[str],
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+) -> int:
+    """
+    Run one C{ctrlgw} command line (without the program name); returns the exit code.
+    """
+    out = sys.stdout if out is None else out
+    err = sys.stderr if err is None else err
+    parsed = parseArguments(argv, out, err)
+    if isinstance(parsed, int):
+        return parsed
+    try:
+        return await _execute(reactor, parsed, out, err)
+    except ConfigError as e:
+        err.write(f"ctrlgw: {e}\n")
+        return EXIT_USAGE
+    except CommandFailed as e:
+        err.write(f"ctrlgw: {e.message}\n")
+        return e.code
+
+
+async def _execute(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    config = loadConfig(args.config, Overrides(dsn=args.dsn))
+    schema = config.database.schema
+    if args.schema is not None:
+        try:
+            schema = parseIdentifier(args.schema)
+        except ValueError as e:
+            raise ConfigError("command line", None, "--schema", str(e)) from None
+    controller = getattr(args, "controller", None)
+    if controller is not None and not CONTROLLER_ID.fullmatch(controller):
+        raise CommandFailed(
+            f"invalid controller id {controller!r}: expected 1-128 characters of [A-Za-z0-9._:-]",
+            EXIT_USAGE,
+        )
+
+    # One connection is all a command needs.
+    dbConfig = dataclasses.replace(config.database, schema=schema, pool_size=1)
+    dsn = dbConfig.dsn
+    if not dsn:
+        err.write(
+            f"ctrlgw: note: [database] dsn is empty: using the embedded PostgreSQL in "
+            f"{dbConfig.data_dir} (development only)\n"
+        )
+        try:
+            dsn = await startEmbedded(reactor, dbConfig.data_dir)
+        except Exception as e:
+            raise CommandFailed(
+                f"cannot start the embedded PostgreSQL in {dbConfig.data_dir}: {_firstLine(e)}"
+            ) from None
+
+    db = Database(reactor, dbConfig, Metrics(), "ctrlgw cli")
+    await _open(reactor, db, dsn)
+    try:
+        context = Context(args, db, Store(db, _CLI_INSTANCE), out)
+        if args.needsSchema:
+            await _requireSchema(db)
+        handler: Callable[[Context], Awaitable[int]] = args.handler
+        return await handler(context)
+    except Unavailable as e:
+        cause = f": {_firstLine(e.__cause__)}" if e.__cause__ is not None else ""
+        raise CommandFailed(f"{_firstLine(e)}{cause}") from None
+    except psycopg2.Error as e:
+        raise CommandFailed(f"database error: {_firstLine(e)}") from None
+    finally:
+        db.stop()
+
+
+async def _open(reactor: Any, db: Database, dsn: str) -> None:
+    """
+    Open C{db}, failing at once with one line if the server cannot be reached.
+
+    L{Database.start} keeps retrying an unreachable server forever, as a gateway should; a
+    command should not.  So one connection is tried first, bounded in time, and the pool is
+    only started once that worked.
+    """
+    timeout = db.config.connect_timeout + 1
+    cannot = f"cannot connect to the database{_where(dsn)}"
+    db.dsn = dsn
+    try:
+        conn = await Deferred.fromCoroutine(db.connect()).addTimeout(timeout, reactor)
+    except (TimeoutError, CancelledError):
+        raise CommandFailed(f"{cannot}: no answer within {timeout:g}s") from None
+    except Exception as e:
+        raise CommandFailed(f"{cannot}: {_firstLine(e)}") from None
+    conn.close()
+    try:
+        await db.start(dsn).addTimeout(timeout, reactor)
+    except (TimeoutError, CancelledError):
+        db.stop()
+        raise CommandFailed(f"{cannot}: no answer within {timeout:g}s") from None
+
+
+def _where(dsn: str) -> str:
+    """
+    " at HOST:PORT/DBNAME" for messages: never the password, nothing if C{dsn} is garbage.
+    """
+    try:
+        # Parsing only: libpq's own DSN parser, no connection.
+        parts = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.Error:
+        return ""
+    host = parts.get("host", "localhost")
+    port = f":{parts['port']}" if "port" in parts else ""
+    dbname = f"/{parts['dbname']}" if "dbname" in parts else ""
+    return f" at {host}{port}{dbname}"
+
+
+async def _requireSchema(db: Database) -> None:
+    version = await currentVersion(db)
+    latest = latestVersion()
+    if version < latest:
+        state = "has no ctrlgw tables" if version == 0 else f"is at version {version}"
+        raise CommandFailed(
+            f"schema {db.schema} {state}; this ctrlgw needs version {latest}: "
+            f"run `ctrlgw migrate` first"
+        )
+    if version > latest:
+        raise CommandFailed(
+            f"schema {db.schema} is at version {version}, newer than this ctrlgw "
+            f"(version {latest}): upgrade ctrlgw"
+        )
+
+
+# --- the commands ---
+
+
+async def _migrate(ctx: Context) -> int:
+    before = await currentVersion(ctx.db)
+    latest = latestVersion()
+    if before > latest:
+        raise CommandFailed(
+            f"schema {ctx.schema} is at version {before}, newer than this ctrlgw "
+            f"(version {latest}): upgrade ctrlgw"
+        )
+    applied = await applyMigrations(ctx.db)
+    if applied:
+        ctx.out.write(f"schema {ctx.schema}: applied versions {applied}\n")
+    else:
+        ctx.out.write(f"schema {ctx.schema}: already at version {await currentVersion(ctx.db)}\n")
+    return EXIT_OK
+
+
+async def _add(ctx: Context) -> int:
+    controller: str = ctx.args.controller
+    existing = await ctx.store.controllerCredentials(controller)
+    token = newToken()
+    await ctx.store.addController(controller, hashToken(token), ctx.args.note)
+    if existing is None:
+        ctx.out.write(f"controller {controller} added\n")
+    else:
+        ctx.out.write(
+            f"controller {controller} re-keyed and enabled: its previous token no longer works\n"
+        )
+    ctx.out.write(f"token: {token}\n")
+    ctx.out.write(
+        "This token is not stored (only its SHA-256 hash is) and cannot be shown again: "
+        "give it to the controller now.\n"
+    )
+    return EXIT_OK
+
+
+async def _setEnabled(ctx: Context) -> int:
+    controller: str = ctx.args.controller
+    enabled: bool = ctx.args.enabled
+    if not await ctx.store.setControllerEnabled(controller, enabled):
+        raise CommandFailed(
+            f"no controller {controller!r} in schema {ctx.schema}: "
+            f"register it with `ctrlgw controllers add {controller}`"
+        )
+    ctx.out.write(f"controller {controller} {'enabled' if enabled else 'disabled'}\n")
+    return EXIT_OK
+
+
+async def _list(ctx: Context) -> int:
+    rows = await ctx.store.listControllers()
+    if ctx.args.json:
+        _writeJson(
+            ctx.out,
+            [
+                {
+                    "id": controller,
+                    "enabled": bool(enabled),
+                    "online": bool(online),
+                    "instance": instance,
+                    "last_seen": _isoTime(lastSeen),
+                    "created": _isoTime(created),
+                    "note": note,
+                }
+                for controller, enabled, created, note, online, instance, lastSeen in rows
+            ],
+        )
+        return EXIT_OK
+    if not rows:
+        ctx.out.write("no controllers registered\n")
+        return EXIT_OK
+    _writeTable(
+        ctx.out,
+        ("ID", "ENABLED", "ONLINE", "INSTANCE", "LAST SEEN", "NOTE"),
+        [
+            (controller, _yesNo(enabled), _yesNo(online), instance, _time(lastSeen), note)
+            for controller, enabled, created, note, online, instance, lastSeen in rows
+        ],
+    )
+    return EXIT_OK
+
+
+async def _history(ctx: Context) -> int:
+    controller: str = ctx.args.controller
+    rows = await ctx.store.history(controller, ctx.args.limit)
+    if ctx.args.json:
+        _writeJson(
+            ctx.out,
+            [
+                {
+                    "time": _isoTime(at),
+                    "kind": kind,
+                    "reason": reason,
+                    "instance": instance,
+                    "epoch": epoch,
+                    "peer": peer,
+                }
+                for at, kind, reason, instance, epoch, peer in rows
+            ],
+        )
+        return EXIT_OK
+    if not rows:
+        ctx.out.write(f"no history for controller {controller}\n")
+        return EXIT_OK
+    _writeTable(
+        ctx.out,
+        ("TIME", "KIND", "REASON", "INSTANCE", "EPOCH", "PEER"),
+        [
+            (_time(at), kind, reason, instance, epoch, peer)
+            for at, kind, reason, instance, epoch, peer in rows
+        ],
+    )
+    return EXIT_OK
+
+
+# --- output ---
+
+
+def _yesNo(value: object) -> str:
+    return "yes" if value else "no"
+
+
+def _utc(value: datetime) -> datetime:
+    return value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _time(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return _utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
+
+
+def _isoTime(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return _utc(value).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+_CONTROL = {c: " " for c in range(32)} | {127: " "}
+
+
+def _cell(value: object) -> str:
+    if value is None:
+        return "-"
+    text = str(value).translate(_CONTROL)
+    return text if text else "-"
+
+
+def _writeTable(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    cells = [list(header)] + [[_cell(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _writeJson(out: TextIO, value: object) -> None:
+    json.dump(value, out, indent=2)
+    out.write("\n")
+
+
+# --- the console script ---
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """
+    The C{ctrlgw} console script: exits with L{run}'s exit code.
+    """
+    # react imports (and so installs) the global reactor: nothing else in ctrlgw does.
+    from twisted.internet.task import react
+
+    arguments = list(sys.argv[1:] if argv is None else argv)
+
+    async def _main(reactor: Any) -> None:
+        # react exits 0 when main succeeds, and with SystemExit's code when it raises one.
+        raise SystemExit(await run(reactor, arguments))
+
+    react(lambda reactor: Deferred.fromCoroutine(_main(reactor)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+"""
+Cluster-wide ownership: one live connection per controller across every instance.
+
+The database decides (L{ctrlgw.ownership.PostgresOwnership} claims a session with a new
+epoch); this module makes every instance act on the decision:
+
+  - a takeover notification (LISTEN/NOTIFY) makes the instance holding an older session of
+    the controller say C{bye} and drop it at once;
+  - fencing does not depend on the notification: the inbox stores only messages of the
+    current epoch, and L{reconcile} regularly compares local connections with the
+    sessions table, dropping what this instance no longer owns and releasing rows it owns
+    without a connection;
+  - a heartbeat row tells the others this instance is alive.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from ctrlgw.config import ClusterConfig
+from ctrlgw.metrics import Metrics
+from ctrlgw.ownership import PostgresOwnership
+from ctrlgw.protocol import messages as v1
+from ctrlgw.protocol.connection import ControllerProtocol
+from ctrlgw.registry import ConnectionRegistry
+from ctrlgw.store.database import Database
+from ctrlgw.store.postgres import Store
+
+log = Logger()
+
+
+def takeoverChannel(schema: str) -> str:
+    return f"{schema}_takeover"
+
+
+class TakeoverListener:
+    """
+    Keeps one LISTEN connection to the takeover channel: pinged every C{pingInterval},
+    reconnected with backoff when it fails; C{onReconnected} runs after every (re)connect
+    because notifications sent while it was away are lost.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        db: Database,
+        channel: str,
+        onNotification: Callable[[str], object],
+        onReconnected: Callable[[], object],
+        pingInterval: float,
+    ) -> None:
+        self.clock = clock
+        self.db = db
+        self.channel = channel
+        self.onNotification = onNotification
+        self.onReconnected = onReconnected
+        self.pingInterval = pingInterval
+        self.connection: Any = None
+        self._running = False
+        self._loop: Deferred[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._running
+
+    @property
+    def listening(self) -> bool:
+        return self.connection is not None
+
+    def start(self) -> None:
+        self._running = True
+        self._loop = ensureDeferred(self._run())
+        self._loop.addErrback(lambda f: log.failure("takeover listener stopped", f))
+
+    def stop(self) -> None:
+        self._running = False
+        self._drop()
+
+    def _drop(self) -> None:
+        connection, self.connection = self.connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
+
+    def _notified(self, notify: Any) -> None:
+        if notify.channel == self.channel:
+            self.onNotification(notify.payload)
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while self._running:
+            try:
+                connection = await self.db.connect()
+                connection.addNotifyObserver(self._notified)
+                await connection.runOperation(f'LISTEN "{self.channel}"')
+            except Exception as e:
+                log.warn("LISTEN {channel} failed: {error}; retrying in {delay:.1f}s",
+                         channel=self.channel, error=e, delay=delay)
+                await deferLater(self.clock, delay, lambda: None)
+                delay = min(self.db.config.reconnect_max_delay, delay * 2)
+                continue
+            if not self._running:
+                connection.close()
+                return
+            self.connection = connection
+            delay = 0.1
+            log.info("listening for takeovers on {channel}", channel=self.channel)
+            self.onReconnected()
+            await self._pingUntilBroken(connection)
+
+    async def _pingUntilBroken(self, connection: Any) -> None:
+        while self._running and self.connection is connection:
+            await deferLater(self.clock, self.pingInterval, lambda: None)
+            if not self._running or self.connection is not connection:
+                return
+            try:
+                d = connection.runQuery("SELECT 1")
+                d.addTimeout(self.db.config.statement_timeout, self.clock)
+                await d
+            except Exception as e:
+                log.warn("LISTEN connection lost: {error}", error=e)
+                self._drop()
+                return
+
+
+class Cluster:
+    """
+    This instance's part in cluster-wide ownership.
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: Store,
+        registry: ConnectionRegistry,
+        ownership: PostgresOwnership,
+        config: ClusterConfig,
+        metrics: Metrics,
+        clockSkew: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        self.clock = clock
+        self.store = store
+        self.instance = store.instance
+        self.registry = registry
+        self.ownership = ownership
+        self.config = config
+        self.metrics = metrics
+        self.clockSkew = clockSkew
+        self.registered = False
+        self.listener = TakeoverListener(
+            clock,
+            store.db,
+            takeoverChannel(store.db.schema),
+            self.takeoverNotified,
+            self._reconcileSoon,
+            config.heartbeat_interval,
+        )
+
+    # --- instance lifecycle ---
+
+    async def register(self) -> None:
+        """
+        Announce this instance; sessions a previous run under the same id left are marked
+        offline first, and only then are claims admitted.
+        """
+        cleaned = await self.store.registerInstance(socket.gethostname(), os.getpid())
+        if cleaned:
+            log.info("instance {instance} restarted: {count} stale sessions marked offline",
+                     instance=self.instance, count=cleaned)
+        self.registered = True
+        self.ownership.admitting = True
+
+    async def heartbeat(self) -> None:
+        if not self.registered:
+            await self.register()
+            return
+        await self.store.heartbeat()
+
+    async def unregister(self) -> None:
+        if self.registered:
+            await self.store.unregisterInstance()
+
+    # --- takeovers announced by other instances ---
+
+    def takeoverNotified(self, payload: str) -> None:
+        self.metrics.notificationsReceived.inc()
+        try:
+            note = json.loads(payload)
+            controller, epoch, owner, claimedMs = note["c"], int(note["e"]), note["i"], note["t"]
+        except (ValueError, KeyError, TypeError):
+            log.warn("ignoring a malformed takeover notification {payload!r}", payload=payload)
+            return
+        if owner == self.instance:
+            return  # Our own claim: the local registry has already settled it.
+        connection = self.registry.supersededBy(controller, epoch)
+        if connection is None:
+            return
+        assert isinstance(connection, ControllerProtocol)
+        connection.close(v1.BYE_TAKEOVER)
+        self.metrics.takeovers.labels("remote").inc()
+        # Claim time is on the database clock; correct for this instance's skew.
+        skew = self.clockSkew() or 0.0
+        convergence = self.clock.seconds() - skew - claimedMs / 1000
+        self.metrics.takeoverConvergence.observe(max(0.0, convergence))
+        log.info(
+            "{controller} taken over by {instance} (epoch {epoch}); dropped here after {ms:.1f} ms",
+            controller=controller, instance=owner, epoch=epoch, ms=convergence * 1000,
+        )
+
+    # --- reconciliation ---
+
+    def _reconcileSoon(self) -> None:
+        ensureDeferred(self.reconcile()).addErrback(
+            lambda f: log.warn("reconcile failed: {error}", error=f.getErrorMessage())
+        )
+
+    async def reconcile(self) -> tuple[int, int]:
+        """
+        Compare local connections with the sessions table.
+
+        @return: (local connections aborted, session rows released).
+        """
+        local = [
+            connection
+            for connection in self.registry
+            if isinstance(connection, ControllerProtocol) and connection.session is not None
+        ]
+        rows = await self.store.reconcile(
+            [(c.session.controller, c.session.epoch, c.lastHeard) for c in local if c.session]
+        )
+        byController = {row.controller: row for row in rows}
+        aborted = 0
+        # Read the registry again: connections may have come and gone during the query.
+        for connection in list(self.registry):
+            assert isinstance(connection, ControllerProtocol)
+            session = connection.session
+            if session is None:
+                continue
+            row = byController.get(session.controller)
+            if row is None or row.epoch < session.epoch:
+                continue  # Claimed after the query's snapshot: nothing to judge yet.
+            if row.epoch > session.epoch or row.instance != self.instance or not row.online:
+                log.info(
+                    "reconcile: {controller} epoch {epoch} is no longer ours: dropping it",
+                    controller=session.controller, epoch=session.epoch,
+                )
+                connection.close(v1.BYE_TAKEOVER)
+                aborted += 1
+        released = 0
+        for row in rows:
+            if row.instance != self.instance or not row.online:
+                continue
+            if self.ownership.claimInFlight(row.controller):
+                continue  # Committed, not yet bound: never fence a fresh session.
+            connection = self.registry.lookup(row.controller)
+            if connection is not None and connection.session is not None and (
+                connection.session.epoch >= row.epoch
+            ):
+                continue
+            self.ownership.releaseRow(row.controller, row.epoch, "reconciled")
+            released += 1
+        self.metrics.reconcileAborts.inc(aborted)
+        self.metrics.reconcileReleases.inc(released)
+        self.metrics.sessionsOwned.set(len(self.registry))
+        return aborted, released
