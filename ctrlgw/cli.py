@@ -249,6 +249,12 @@ async def _execute(reactor: Any, args: argparse.Namespace, out: TextIO, err: Tex
         raise CommandFailed(f"{_firstLine(e)}{cause}") from None
     except psycopg2.Error as e:
         raise CommandFailed(f"database error: {_firstLine(e)}") from None
+    except CancelledError:
+        # txpostgres reports a statement the server cancelled (statement_timeout) so.
+        raise CommandFailed(
+            f"the database cancelled a statement (statement_timeout is "
+            f"{dbConfig.statement_timeout:g}s)"
+        ) from None
     finally:
         db.stop()
 

@@ -23,9 +23,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from ctrlgw.clock import CancelledError, Sleeper
 from ctrlgw.config import ClusterConfig
 from ctrlgw.metrics import Metrics
 from ctrlgw.ownership import PostgresOwnership
@@ -66,6 +66,7 @@ class TakeoverListener:
         self.pingInterval = pingInterval
         self.connection: Any = None
         self._running = False
+        self._sleeper = Sleeper(clock)
         self._loop: Deferred[None] | None = None
 
     @property
@@ -83,6 +84,7 @@ class TakeoverListener:
 
     def stop(self) -> None:
         self._running = False
+        self._sleeper.cancelAll()
         self._drop()
 
     def _drop(self) -> None:
@@ -101,13 +103,16 @@ class TakeoverListener:
         delay = 0.1
         while self._running:
             try:
-                connection = await self.db.connect()
+                connection = await self.db.connect(onLost=self._lost)
                 connection.addNotifyObserver(self._notified)
                 await connection.runOperation(f'LISTEN "{self.channel}"')
             except Exception as e:
                 log.warn("LISTEN {channel} failed: {error}; retrying in {delay:.1f}s",
                          channel=self.channel, error=e, delay=delay)
-                await deferLater(self.clock, delay, lambda: None)
+                try:
+                    await self._sleeper.sleep(delay)
+                except CancelledError:
+                    return
                 delay = min(self.db.config.reconnect_max_delay, delay * 2)
                 continue
             if not self._running:
@@ -119,9 +124,18 @@ class TakeoverListener:
             self.onReconnected()
             await self._pingUntilBroken(connection)
 
+    def _lost(self, connection: Any) -> None:
+        if connection is self.connection:
+            log.warn("LISTEN connection lost")
+            self._drop()
+            self._sleeper.cancelAll()  # wakes the ping loop, which reconnects
+
     async def _pingUntilBroken(self, connection: Any) -> None:
         while self._running and self.connection is connection:
-            await deferLater(self.clock, self.pingInterval, lambda: None)
+            try:
+                await self._sleeper.sleep(self.pingInterval)
+            except CancelledError:
+                return
             if not self._running or self.connection is not connection:
                 return
             try:

@@ -15,6 +15,7 @@ import uuid
 from typing import Any
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.internet.utils import getProcessOutputAndValue
 
 from ctrlgw import cli
@@ -224,8 +225,13 @@ class ControllerTests(CliTestCase):
         await self.addToken("dev-1", note="hall 3")
         await self.addToken("pump.7")
         await self.cli("controllers", "disable", "pump.7")
-        claim = await self.store.claimSession("dev-1", "main", "192.0.2.1:4000")
-        self.assertGreater(claim.epoch, 0)
+        # dev-1 is connected to instance gw-a.
+        await self.db.runOperation(
+            "test_session",
+            "INSERT INTO sessions (controller_id, epoch, session_id, instance_id, online)"
+            " VALUES (%s, 1, %s, 'gw-a', true)",
+            ("dev-1", str(uuid.uuid4())),
+        )
 
         code, out, err = await self.cli("controllers", "list")
         self.assertEqual((code, err), (0, ""))
@@ -384,6 +390,44 @@ class ErrorTests(CliTestCase):
         self.assertEqual((code, out), (1, ""))
         self.assertOneErrorLine(err, "cannot connect to the database at 127.0.0.1:")
         self.assertNotIn("s3cret", err)
+
+    async def test_statementTimeout(self) -> None:
+        """
+        A statement the server cancels (statement_timeout) is one line, exit 1.
+        """
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(_INI.replace("connect_timeout = 2s", "statement_timeout = 200ms"))
+        locked: Deferred[None] = Deferred()
+        release: Deferred[None] = Deferred()
+
+        def hold(cursor: Any) -> Deferred[None]:
+            async def holding() -> None:
+                await cursor.execute("LOCK TABLE controllers IN ACCESS EXCLUSIVE MODE")
+                locked.callback(None)
+                await release
+
+            return Deferred.fromCoroutine(holding())
+
+        holder = self.db.runInteraction("test_hold_lock", hold)
+        await locked
+        try:
+            code, out, err = await self.cli(
+                "--config",
+                path,
+                "--dsn",
+                self.dsn,
+                "--schema",
+                self.schema,
+                "controllers",
+                "list",
+                common=False,
+            )
+        finally:
+            release.callback(None)
+            await holder
+        self.assertEqual((code, out), (1, ""))
+        self.assertOneErrorLine(err, "statement_timeout is 0.2s")
 
     async def test_usage(self) -> None:
         code, out, err = await self.cli()

@@ -236,6 +236,9 @@ class ControllerProtocol(Protocol):
 
     def _notStored(self, failure: Failure, messageId: str) -> None:
         if failure.check(Fenced):
+            # Another instance took over and this one missed the notification: the
+            # database refused to store for a superseded epoch.
+            self.context.metrics.takeovers.labels("fenced").inc()
             self.close(v1.BYE_TAKEOVER)
         elif self.state is State.LIVE:
             if not failure.check(Unavailable):

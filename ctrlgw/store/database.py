@@ -18,10 +18,10 @@ import psycopg2
 import psycopg2.errors
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from txpostgres import txpostgres
 
+from ctrlgw.clock import Sleeper
 from ctrlgw.config import DatabaseConfig
 from ctrlgw.interfaces import Unavailable
 from ctrlgw.metrics import Metrics
@@ -35,7 +35,28 @@ _CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
 # Errors after which the same transaction may simply be run again (as Synapse does).
 _RETRYABLE = (psycopg2.errors.SerializationFailure, psycopg2.errors.DeadlockDetected)
 _MAX_RETRIES = 5
-_TIMEOUTS = (CancelledError, TimeoutError)
+# Our own bound on a call (addTimeout) fired: the server did not answer.  A CancelledError
+# alone is the server cancelling the statement (txpostgres turns QueryCanceled, e.g. from
+# statement_timeout, into CancelledError): the connection is sound.
+_TIMEOUTS = (TimeoutError,)
+
+
+class _Connection(txpostgres.Connection):  # type: ignore[misc]
+    """
+    A txpostgres connection that reports a server going away while the connection is idle
+    (txpostgres would raise it into the reactor as an unhandled error).
+    """
+
+    onLost: Callable[[_Connection], object] | None = None
+
+    def doRead(self) -> None:
+        try:
+            super().doRead()
+        except psycopg2.Error as e:
+            self.reactor.removeReader(self)
+            log.info("database connection lost while idle: {error}", error=str(e).strip().splitlines()[0])
+            if self.onLost is not None:
+                self.onLost(self)
 
 
 def _isConnectionError(e: BaseException) -> bool:
@@ -69,6 +90,7 @@ class Database:
         self._connecting = 0
         self._stopped = False
         self._upObservers: list[Callable[[bool], object]] = []
+        self._sleeper = Sleeper(reactor)
         metrics.dbUp.set(0)
 
     # --- lifecycle ---
@@ -100,6 +122,7 @@ class Database:
 
     def stop(self) -> None:
         self._stopped = True
+        self._sleeper.cancelAll()
         for conn in self._idle:
             conn.close()
         self._idle.clear()
@@ -116,12 +139,16 @@ class Database:
             for observer in list(self._upObservers):
                 observer(self.up)
 
-    async def connect(self) -> txpostgres.Connection:
+    async def connect(
+        self, onLost: Callable[[txpostgres.Connection], object] | None = None
+    ) -> txpostgres.Connection:
         """
-        One new connection with ctrlgw's session settings.  Also used for LISTEN.
+        One new connection with ctrlgw's session settings.  Also used for LISTEN;
+        C{onLost} is called if the server drops it while it is idle.
         """
         assert self.dsn is not None
-        conn = txpostgres.Connection(reactor=self.reactor)
+        conn = _Connection(reactor=self.reactor)
+        conn.onLost = onLost
         await conn.connect(
             self.dsn,
             connect_timeout=max(1, int(self.config.connect_timeout)),
@@ -154,14 +181,17 @@ class Database:
         try:
             while not self._stopped:
                 try:
-                    conn = await self.connect()
+                    conn = await self.connect(onLost=self._lostWhileIdle)
                 except Exception as e:
                     log.warn(
                         "cannot connect to the database ({error}); retrying in {delay:.1f}s",
                         error=str(e).strip().splitlines()[0] if str(e).strip() else repr(e),
                         delay=delay,
                     )
-                    await deferLater(self.clock, delay, lambda: None)
+                    try:
+                        await self._sleeper.sleep(delay)
+                    except CancelledError:
+                        return
                     delay = min(self.config.reconnect_max_delay, delay * 2)
                     continue
                 if self._stopped:
@@ -172,6 +202,11 @@ class Database:
                 return
         finally:
             self._connecting -= 1
+
+    def _lostWhileIdle(self, conn: txpostgres.Connection) -> None:
+        if conn in self._idle:
+            self._idle.remove(conn)
+            self._broken(conn)
 
     def _checkout(self) -> Deferred[txpostgres.Connection]:
         if self._stopped:
