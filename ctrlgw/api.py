@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -18,11 +19,15 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+from ctrlgw.config import parseDuration
 from ctrlgw.interfaces import Unavailable
 from ctrlgw.protocol.messages import CONTROLLER_ID
 from ctrlgw.store.postgres import Store
 
 log = Logger()
+
+
+_MAX_COMMAND_REQUEST = 1024 * 1024
 
 
 class ApiError(Exception):
@@ -66,14 +71,17 @@ class ApiResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, token: str, store: Store) -> None:
+    def __init__(self, token: str, store: Store, defaultTtl: float = 30.0) -> None:
         super().__init__()
         self.token = token.encode()
         self.store = store
+        self.defaultTtl = defaultTtl
         Routes = list[tuple[bytes, int, Callable[..., Awaitable[tuple[int, object]]]]]
         self.routes: Routes = [
             (b"GET", 1, self.listControllers),
             (b"GET", 2, self.getController),
+            (b"GET", 2, self.getCommand),
+            (b"POST", 3, self.sendCommand),
         ]
 
     def addRoute(
@@ -139,3 +147,45 @@ class ApiResource(Resource):
         if not rows:
             return 200, {"controller": controller, "online": False, "known": False}
         return 200, dict(presenceJson(rows[0]), known=True)
+
+    # --- commands ---
+
+    async def getCommand(
+        self, request: Request, collection: str, command: str
+    ) -> tuple[int, object] | None:
+        if collection != "commands":
+            return None
+        try:
+            uuid.UUID(command)
+        except ValueError:
+            raise ApiError(400, "not a command id") from None
+        status = await self.store.commandStatus(command)
+        if status is None:
+            raise ApiError(404, "no such command")
+        return 200, status
+
+    async def sendCommand(
+        self, request: Request, collection: str, controller: str, leaf: str
+    ) -> tuple[int, object] | None:
+        if (collection, leaf) != ("controllers", "commands"):
+            return None
+        if not CONTROLLER_ID.match(controller):
+            raise ApiError(400, "not a controller id")
+        raw = request.content.read(_MAX_COMMAND_REQUEST + 1)
+        if len(raw) > _MAX_COMMAND_REQUEST:
+            raise ApiError(413, "request body too large")
+        try:
+            payload = json.loads(raw or b"null")
+        except ValueError:
+            raise ApiError(400, "the request body must be JSON: {\"body\": ..., \"ttl\": \"30s\"}") from None
+        if not isinstance(payload, dict) or "body" not in payload:
+            raise ApiError(400, "the request body must be a JSON object with a \"body\"")
+        ttl = payload.get("ttl", self.defaultTtl)
+        try:
+            seconds = parseDuration(str(ttl))
+        except ValueError as e:
+            raise ApiError(400, f"ttl: {e}") from None
+        if seconds <= 0:
+            raise ApiError(400, "ttl must be positive")
+        command = await self.store.sendCommand(controller, payload["body"], seconds)
+        return 201, {"id": command, "controller": controller, "state": "pending"}

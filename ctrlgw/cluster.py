@@ -19,20 +19,18 @@ import json
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from ctrlgw.clock import CancelledError, Sleeper
 from ctrlgw.config import ClusterConfig
 from ctrlgw.metrics import Metrics
 from ctrlgw.ownership import PostgresOwnership
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.connection import ControllerProtocol
 from ctrlgw.registry import ConnectionRegistry
-from ctrlgw.store.database import Database
+from ctrlgw.store.listen import NotificationListener
 from ctrlgw.store.postgres import Store
 
 log = Logger()
@@ -40,112 +38,6 @@ log = Logger()
 
 def takeoverChannel(schema: str) -> str:
     return f"{schema}_takeover"
-
-
-class TakeoverListener:
-    """
-    Keeps one LISTEN connection to the takeover channel: pinged every C{pingInterval},
-    reconnected with backoff when it fails; C{onReconnected} runs after every (re)connect
-    because notifications sent while it was away are lost.
-    """
-
-    def __init__(
-        self,
-        clock: IReactorTime,
-        db: Database,
-        channel: str,
-        onNotification: Callable[[str], object],
-        onReconnected: Callable[[], object],
-        pingInterval: float,
-    ) -> None:
-        self.clock = clock
-        self.db = db
-        self.channel = channel
-        self.onNotification = onNotification
-        self.onReconnected = onReconnected
-        self.pingInterval = pingInterval
-        self.connection: Any = None
-        self._running = False
-        self._sleeper = Sleeper(clock)
-        self._loop: Deferred[None] | None = None
-
-    @property
-    def running(self) -> bool:
-        return self._running
-
-    @property
-    def listening(self) -> bool:
-        return self.connection is not None
-
-    def start(self) -> None:
-        self._running = True
-        self._loop = ensureDeferred(self._run())
-        self._loop.addErrback(lambda f: log.failure("takeover listener stopped", f))
-
-    def stop(self) -> None:
-        self._running = False
-        self._sleeper.cancelAll()
-        self._drop()
-
-    def _drop(self) -> None:
-        connection, self.connection = self.connection, None
-        if connection is not None:
-            try:
-                connection.close()
-            except Exception:
-                pass
-
-    def _notified(self, notify: Any) -> None:
-        if notify.channel == self.channel:
-            self.onNotification(notify.payload)
-
-    async def _run(self) -> None:
-        delay = 0.1
-        while self._running:
-            try:
-                connection = await self.db.connect(onLost=self._lost)
-                connection.addNotifyObserver(self._notified)
-                await connection.runOperation(f'LISTEN "{self.channel}"')
-            except Exception as e:
-                log.warn("LISTEN {channel} failed: {error}; retrying in {delay:.1f}s",
-                         channel=self.channel, error=e, delay=delay)
-                try:
-                    await self._sleeper.sleep(delay)
-                except CancelledError:
-                    return
-                delay = min(self.db.config.reconnect_max_delay, delay * 2)
-                continue
-            if not self._running:
-                connection.close()
-                return
-            self.connection = connection
-            delay = 0.1
-            log.info("listening for takeovers on {channel}", channel=self.channel)
-            self.onReconnected()
-            await self._pingUntilBroken(connection)
-
-    def _lost(self, connection: Any) -> None:
-        if connection is self.connection:
-            log.warn("LISTEN connection lost")
-            self._drop()
-            self._sleeper.cancelAll()  # wakes the ping loop, which reconnects
-
-    async def _pingUntilBroken(self, connection: Any) -> None:
-        while self._running and self.connection is connection:
-            try:
-                await self._sleeper.sleep(self.pingInterval)
-            except CancelledError:
-                return
-            if not self._running or self.connection is not connection:
-                return
-            try:
-                d = connection.runQuery("SELECT 1")
-                d.addTimeout(self.db.config.statement_timeout, self.clock)
-                await d
-            except Exception as e:
-                log.warn("LISTEN connection lost: {error}", error=e)
-                self._drop()
-                return
 
 
 class Cluster:
@@ -161,6 +53,7 @@ class Cluster:
         ownership: PostgresOwnership,
         config: ClusterConfig,
         metrics: Metrics,
+        listener: NotificationListener,
         clockSkew: Callable[[], float | None] = lambda: None,
     ) -> None:
         self.clock = clock
@@ -172,13 +65,9 @@ class Cluster:
         self.metrics = metrics
         self.clockSkew = clockSkew
         self.registered = False
-        self.listener = TakeoverListener(
-            clock,
-            store.db,
-            takeoverChannel(store.db.schema),
-            self.takeoverNotified,
-            self._reconcileSoon,
-            config.heartbeat_interval,
+        self.listener = listener
+        listener.subscribe(
+            takeoverChannel(store.db.schema), self.takeoverNotified, self._reconcileSoon
         )
 
     # --- instance lifecycle ---

@@ -59,6 +59,13 @@ def parseInt(raw: str) -> int:
         raise ValueError(f"expected a whole number, got {raw!r}") from None
 
 
+def parseFloat(raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ValueError(f"expected a number, got {raw!r}") from None
+
+
 def parseBool(raw: str) -> bool:
     value = raw.strip().lower()
     if value in ("1", "yes", "true", "on"):
@@ -182,8 +189,18 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("flap_window", inRange(parseDuration, 1, 86400), "60s"),
         Key("flap_cooldown", inRange(parseDuration, 1, 86400), "2m"),
     ),
+    "outbox": (
+        Key("poll_interval", inRange(parseDuration, 0.01, 3600), "1s"),
+        Key("max_inflight", inRange(parseInt, 1, 1000), "1"),
+        Key("ack_timeout", inRange(parseDuration, 0.01, 3600), "10s"),
+        Key("max_attempts", inRange(parseInt, 1, 100), "3"),
+        Key("backoff", inRange(parseFloat, 1, 10), "2"),
+        Key("claim_batch", inRange(parseInt, 1, 10_000), "500"),
+        Key("default_ttl", inRange(parseDuration, 0.01, 30 * 86400), "30s"),
+    ),
     "retention": (
         Key("events_days", inRange(parseInt, 1, 36500), "30"),
+        Key("commands_days", inRange(parseInt, 1, 36500), "7"),
         Key("inbox_days", inRange(parseInt, 1, 36500), "30"),
         Key("prune_interval", inRange(parseDuration, 1, 86400), "1h"),
         Key("prune_batch", inRange(parseInt, 1, 1_000_000), "5000"),
@@ -290,8 +307,20 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
+class OutboxConfig:
+    poll_interval: float
+    max_inflight: int
+    ack_timeout: float
+    max_attempts: int
+    backoff: float
+    claim_batch: int
+    default_ttl: float
+
+
+@dataclass(frozen=True)
 class RetentionConfig:
     events_days: int
+    commands_days: int
     inbox_days: int
     prune_interval: float
     prune_batch: int
@@ -310,6 +339,7 @@ class GatewayConfig:
     inbox: InboxConfig
     auth: AuthConfig
     cluster: ClusterConfig
+    outbox: OutboxConfig
     retention: RetentionConfig
 
 
@@ -448,6 +478,7 @@ def parseConfig(
         inbox=InboxConfig(**sections["inbox"]),
         auth=AuthConfig(**sections["auth"]),
         cluster=ClusterConfig(**sections["cluster"]),
+        outbox=OutboxConfig(**sections["outbox"]),
         retention=RetentionConfig(**sections["retention"]),
     )
 

@@ -97,3 +97,8 @@ class ICommandSettler(Interface):
         """
         The controller acked (C{ok}) or nacked the command C{ref} on C{session}.
         """
+
+    def sessionStarted(session: Session) -> None:
+        """
+        C{session} has just been welcomed: commands waiting for its controller may go.
+        """

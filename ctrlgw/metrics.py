@@ -106,6 +106,48 @@ class Metrics:
             "ctrlgw_sessions_owned", "Controller sessions live on this instance.", registry=r
         )
 
+        # Command outbox.
+        self.commandQueue = Gauge(
+            "ctrlgw_command_queue",
+            "Unfinished commands of the controllers this instance holds, by state.",
+            ["state"],
+            registry=r,
+        )
+        self.commandsFinished = Counter(
+            "ctrlgw_commands_finished_total",
+            "Commands that reached a final state here, by state.",
+            ["state"],
+            registry=r,
+        )
+        self.commandRetries = Counter(
+            "ctrlgw_command_retries_total",
+            "Commands written again (same id) after no ack within the ack timeout.",
+            registry=r,
+        )
+        self.enqueueToWritten = Histogram(
+            "ctrlgw_command_enqueue_to_written_seconds",
+            "From send() committing to the cmd frame written to the controller.",
+            buckets=_SECONDS_FAST,
+            registry=r,
+        )
+        self.enqueueToAcked = Histogram(
+            "ctrlgw_command_enqueue_to_acked_seconds",
+            "From send() committing to the controller's ack settled.",
+            buckets=_SECONDS_FAST,
+            registry=r,
+        )
+        self.claimSeconds = Histogram(
+            "ctrlgw_command_claim_seconds", "Duration of one claim statement.",
+            buckets=_SECONDS_FAST, registry=r,
+        )
+        self.claims = Counter(
+            "ctrlgw_command_claims_total",
+            "Controllers claimed for, by what woke the claim (notify, poll, connect, settle,"
+            " retry) and whether it found work.",
+            ["source", "result"],
+            registry=r,
+        )
+
         # Database.
         self.dbUp = Gauge("ctrlgw_db_up", "1 when the database answers.", registry=r)
         self.dbQuerySeconds = Histogram(

@@ -25,14 +25,15 @@ from ctrlgw.config import GatewayConfig
 from ctrlgw.inbox import Inbox
 from ctrlgw.interfaces import Unavailable
 from ctrlgw.metrics import Metrics
+from ctrlgw.outbox import Outbox, commandsChannel
 from ctrlgw.ownership import EventLog, PostgresOwnership
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.connection import ConnectionContext
 from ctrlgw.protocol.factory import ControllerFactory
 from ctrlgw.registry import ConnectionRegistry
-from ctrlgw.settler import RecordingSettler
 from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import startEmbedded
+from ctrlgw.store.listen import NotificationListener
 from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion
 from ctrlgw.store.postgres import ClaimPolicy, Store
 from ctrlgw.web import Readiness, makeRoot
@@ -212,6 +213,10 @@ class Gateway:
         )
         self.inbox = Inbox(reactor, self.store, config.inbox, self.metrics)
         self.registry = ConnectionRegistry()
+        self.outbox = Outbox(
+            reactor, self.store, self.registry, config.outbox, self.metrics,
+            lambda: self.instanceSkew,
+        )
         self.context = ConnectionContext(
             clock=reactor,
             liveness=config.liveness,
@@ -219,12 +224,17 @@ class Gateway:
             registry=self.registry,
             ownership=self.ownership,
             sink=self.inbox,
-            settler=RecordingSettler(),
+            settler=self.outbox,
             metrics=self.metrics,
         )
+        self.notifications = NotificationListener(reactor, self.db, cluster.heartbeat_interval)
         self.cluster = Cluster(
             reactor, self.store, self.registry, self.ownership, cluster, self.metrics,
-            lambda: self.instanceSkew,
+            self.notifications, lambda: self.instanceSkew,
+        )
+        self.notifications.subscribe(
+            commandsChannel(self.db.schema), self.outbox.doorbell,
+            lambda: self.outbox.wake(None, "poll"),
         )
         self.schemaVersion = 0
         self.instanceSkew: float | None = None
@@ -237,7 +247,7 @@ class Gateway:
         self.readiness.add("database", lambda: (self.db.up, "up" if self.db.up else "unreachable"))
         self.readiness.add("migrations", self._migrationsCheck)
 
-        self.api = ApiResource(config.http.api_token, self.store)
+        self.api = ApiResource(config.http.api_token, self.store, config.outbox.default_ttl)
         root = makeRoot(self.metrics.registry, self.readiness, self.api)
         http = ListenerService(reactor, config.http.endpoint, Site(root), "http")
         http.setName("http")
@@ -259,6 +269,9 @@ class Gateway:
         ).setServiceParent(top)
         PeriodicService(
             "reconcile", reactor, config.cluster.reconcile_interval, self._reconcile
+        ).setServiceParent(top)
+        PeriodicService(
+            "outbox-poll", reactor, config.outbox.poll_interval, self._pollOutbox
         ).setServiceParent(top)
         CallbackService("connections", stop=self._byeEveryone).setServiceParent(top)
         for listener in config.listeners:
@@ -321,6 +334,10 @@ class Gateway:
         if self.cluster.registered:
             await self.cluster.reconcile()
 
+    async def _pollOutbox(self) -> None:
+        if self.cluster.registered:
+            await self.outbox.poll()
+
     async def _leaveCluster(self) -> None:
         self.cluster.listener.stop()
         try:
@@ -350,7 +367,12 @@ class Gateway:
 
     async def _prune(self) -> None:
         retention = self.config.retention
-        for table, days in (("events", retention.events_days), ("inbox", retention.inbox_days)):
+        for table, days in (
+            ("events", retention.events_days),
+            ("inbox", retention.inbox_days),
+            ("commands", retention.commands_days),
+            ("command_events", retention.commands_days),
+        ):
             while True:
                 removed = await self.store.prune(table, days, retention.prune_batch)
                 self.metrics.pruned.labels(table).inc(removed)
@@ -380,7 +402,9 @@ class Gateway:
     async def _drainWriters(self) -> None:
         await _bounded(
             self.reactor,
-            DeferredList([self.inbox.drain(), self.ownership.drain(), self.events.drain()]),
+            DeferredList([
+                self.inbox.drain(), self.outbox.stop(), self.ownership.drain(), self.events.drain()
+            ]),
             10.0,
             "draining the inbox and history",
         )

@@ -21,9 +21,14 @@ class RecordingSettler:
     def __init__(self, keep: int = 1000) -> None:
         self.keep = keep
         self.answers: list[tuple[Session, str, bool, str]] = []
+        self.started: list[Session] = []
 
     def settle(self, session: Session, ref: str, ok: bool, reason: str) -> None:
         log.debug("{controller} {verdict} {ref}", controller=session.controller,
                   verdict="acked" if ok else "nacked", ref=ref)
         self.answers.append((session, ref, ok, reason))
         del self.answers[: -self.keep]
+
+    def sessionStarted(self, session: Session) -> None:
+        self.started.append(session)
+        del self.started[: -self.keep]

@@ -215,6 +215,19 @@ def tcpEndpoint(port: int) -> TCP4ClientEndpoint:
     return TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
 
 
+class RestartablePostgres(PrivatePostgres):
+    """
+    L{PrivatePostgres} started again in the directory it was created with.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        # The server's socket directory (postmaster.pid), not the socket file in it.
+        socketDir = self.server.get_postmaster_info().socket_dir
+        if socketDir is not None:
+            self.socketDir = str(socketDir)
+
+
 def metric(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float | None:
     return gateway.metrics.registry.get_sample_value(name, labels or {})
 
@@ -339,7 +352,9 @@ class InboxTests(PostgresTestCase):
         )
         self.assertEqual(again, [None, None, None])
         rows = await self.db.runQuery("t", "SELECT message_id, body FROM inbox ORDER BY message_id")
-        self.assertEqual(rows, [("m1", {"v": 1}), ("m2", {"v": 1})])
+        self.assertEqual([m for m, _ in rows], ["m1", "m2"])
+        # The first stored copy stays; of two copies in one batch, either may be it.
+        self.assertEqual(rows[0], ("m1", {"v": 1}))
         self.assertGreaterEqual(self.sample("ctrlgw_inbox_duplicates_total"), 1)
 
     @deferred
@@ -409,7 +424,7 @@ class DurabilityTests(PostgresTestCase):
 
     @deferred
     async def test_databaseOutage(self) -> None:
-        server = await deferToThread(PrivatePostgres)
+        server = await deferToThread(RestartablePostgres)
         self.addCleanup(deferToThread, server.destroy)
         config = gatewayConfig(server.dsn, "ctrlgw")
         gateway = await startGateway(self, config)

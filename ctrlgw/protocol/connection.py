@@ -298,6 +298,7 @@ class ControllerProtocol(Protocol):
         now = ctx.clock.seconds()
         self._nextPing = now + ctx.liveness.ping_interval
         self._arm(min(self._nextPing, self._lastHeard + ctx.liveness.idle_timeout))
+        ctx.settler.sessionStarted(session)
 
     def _claimFailed(self, failure: Failure) -> None:
         if self.state is not State.CLAIMING:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 CONTROLLER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 MAX_ID_LENGTH = 128
@@ -91,7 +91,7 @@ class Pong:
     echo: int
 
 
-Inbound = Union[Hello, Msg, Ack, Nack, Ping, Pong]
+Inbound = Hello | Msg | Ack | Nack | Ping | Pong
 
 
 def _rejectConstant(name: str) -> Any:

@@ -53,10 +53,25 @@ class _Connection(txpostgres.Connection):  # type: ignore[misc]
         try:
             super().doRead()
         except psycopg2.Error as e:
-            self.reactor.removeReader(self)
-            log.info("database connection lost while idle: {error}", error=str(e).strip().splitlines()[0])
-            if self.onLost is not None:
-                self.onLost(self)
+            self._lostWhileIdle(e)
+        except ValueError as e:
+            # libpq read the server's goodbye and closed its socket (fileno -1) before
+            # psycopg2 marked the connection closed, so txpostgres cannot watch it again.
+            if self._socketOpen():
+                raise
+            self._lostWhileIdle(e)
+
+    def _socketOpen(self) -> bool:
+        try:
+            return bool(self._connection.fileno() >= 0)
+        except psycopg2.Error:
+            return False
+
+    def _lostWhileIdle(self, e: Exception) -> None:
+        self.reactor.removeReader(self)
+        log.info("database connection lost while idle: {error}", error=str(e).strip().splitlines()[0])
+        if self.onLost is not None:
+            self.onLost(self)
 
 
 def _isConnectionError(e: BaseException) -> bool:

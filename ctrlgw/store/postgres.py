@@ -151,6 +151,116 @@ FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[])
 """
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimedCommand:
+    id: str
+    controller: str
+    body: object
+    expiresMs: int
+    attempts: int
+    epoch: int
+    createdAt: float
+
+
+# What became of a claimed command the gateway did not write.
+NOT_WRITTEN = "not_written"  # the connection was gone: back to pending, attempt undone
+EXPIRED_AT_WRITE = "expired_at_write"
+TOO_LARGE = "too_large"
+
+_CLAIM_COMMANDS = """
+WITH local AS (
+    SELECT * FROM unnest(%(controllers)s::text[], %(epochs)s::bigint[])
+        AS l(controller_id, epoch)
+), owned AS (
+    -- Fencing: only for sessions that are current, and ours.
+    SELECT l.controller_id, l.epoch FROM local l
+    JOIN sessions s ON s.controller_id = l.controller_id AND s.epoch = l.epoch
+                   AND s.online AND s.instance_id = %(instance)s
+), head AS (
+    -- Each controller's first max_inflight unfinished commands, in FIFO order.
+    SELECT c.id, c.state, c.next_attempt_at, c.expires_at, c.attempts, o.epoch
+    FROM owned o CROSS JOIN LATERAL (
+        SELECT id, state, next_attempt_at, expires_at, attempts FROM commands
+        WHERE controller_id = o.controller_id AND state IN ('pending', 'sent')
+        ORDER BY seq LIMIT %(maxInflight)s
+    ) c
+), due AS (
+    SELECT id, epoch FROM head
+    WHERE attempts < %(maxAttempts)s AND expires_at > now()
+      AND (state = 'pending' OR next_attempt_at <= now())
+), locked AS (
+    SELECT c.id, due.epoch FROM commands c JOIN due ON c.id = due.id
+    FOR UPDATE OF c SKIP LOCKED
+)
+UPDATE commands c SET
+    state = 'sent', attempts = c.attempts + 1, sent_at = now(), sent_epoch = locked.epoch,
+    next_attempt_at = now() + make_interval(
+        secs => %(ackTimeout)s * power(%(backoff)s::float8, c.attempts)),
+    last_instance = %(instance)s, detail = ''
+FROM locked WHERE c.id = locked.id
+RETURNING c.id::text, c.controller_id, c.body,
+    (extract(epoch FROM c.expires_at) * 1000)::bigint, c.attempts, c.sent_epoch,
+    extract(epoch FROM c.created_at)::float8
+"""
+
+_UNSEND_COMMANDS = """
+UPDATE commands c SET
+    state = CASE WHEN u.outcome = 'not_written' THEN 'pending'
+                 WHEN u.outcome = 'expired_at_write' AND c.attempts = 1 THEN 'expired'
+                 ELSE 'failed' END,
+    attempts = CASE WHEN u.outcome = 'not_written' THEN c.attempts - 1 ELSE c.attempts END,
+    finished_at = CASE WHEN u.outcome = 'not_written' THEN NULL ELSE now() END,
+    next_attempt_at = NULL, last_instance = %s,
+    detail = CASE WHEN u.outcome = 'not_written' THEN 'connection gone before the write'
+                  WHEN u.outcome = 'expired_at_write' AND c.attempts = 1
+                      THEN 'ttl passed before it was written'
+                  WHEN u.outcome = 'expired_at_write'
+                      THEN 'ttl passed without an ack after ' || (c.attempts - 1) || ' sends'
+                  ELSE 'does not fit in one frame' END
+FROM unnest(%s::uuid[], %s::bigint[], %s::text[]) AS u(id, epoch, outcome)
+WHERE c.id = u.id AND c.state = 'sent' AND c.sent_epoch = u.epoch
+"""
+
+_SETTLE_COMMANDS = """
+UPDATE commands c SET
+    state = CASE WHEN s.ok THEN 'acked' ELSE 'nacked' END, finished_at = now(),
+    next_attempt_at = NULL, detail = s.reason, last_instance = %s
+FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::boolean[], %s::text[])
+    AS s(id, controller_id, epoch, ok, reason)
+WHERE c.id = s.id AND c.controller_id = s.controller_id AND c.state = 'sent'
+  AND c.sent_epoch = s.epoch
+RETURNING c.id::text, c.state, extract(epoch FROM c.created_at)::float8
+"""
+
+_SWEEP_COMMANDS = """
+WITH due AS (
+    SELECT id FROM commands
+    WHERE (state = 'pending' AND expires_at <= now())
+       OR (state = 'sent' AND next_attempt_at <= now()
+           AND (attempts >= %(maxAttempts)s OR expires_at <= now()))
+    ORDER BY seq LIMIT %(batch)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE commands c SET
+    state = CASE WHEN c.state = 'pending' AND c.attempts = 0 THEN 'expired' ELSE 'failed' END,
+    finished_at = now(), next_attempt_at = NULL, last_instance = %(instance)s,
+    detail = CASE WHEN c.state = 'pending' AND c.attempts = 0
+                      THEN 'ttl passed before it was written'
+                  WHEN c.expires_at <= now()
+                      THEN 'ttl passed without an ack after ' || c.attempts || ' sends'
+                  ELSE 'no ack after ' || c.attempts || ' sends' END
+FROM due WHERE c.id = due.id
+RETURNING c.state
+"""
+
+_QUEUE_DEPTH = """
+SELECT c.state, count(*) FROM commands c
+JOIN sessions s ON s.controller_id = c.controller_id AND s.online AND s.instance_id = %s
+WHERE c.state IN ('pending', 'sent')
+GROUP BY c.state
+"""
+
+
 class Store:
     """
     ctrlgw's queries against one L{Database}, on behalf of instance C{instance}.
@@ -296,7 +406,12 @@ class Store:
         """
         Delete up to C{batch} rows of C{table} older than C{days}; returns how many.
         """
-        column = {"events": "at", "inbox": "received_at"}[table]
+        column = {
+            "events": "at",
+            "inbox": "received_at",
+            "commands": "finished_at",
+            "command_events": "at",
+        }[table]
         rows = await self.db.runQuery(
             f"prune_{table}",
             f"WITH doomed AS (SELECT id FROM {table}"
@@ -306,6 +421,98 @@ class Store:
             (days, batch),
         )
         return len(rows)
+
+    # --- the command outbox ---
+
+    async def claimCommands(
+        self,
+        sessions: Sequence[tuple[str, int]],
+        maxInflight: int,
+        maxAttempts: int,
+        ackTimeout: float,
+        backoff: float,
+    ) -> list[ClaimedCommand]:
+        """
+        Claim the due commands of the given (controller, epoch) sessions, if they are
+        current and ours: each becomes C{sent} (attempt counted) in one statement.
+        """
+        rows = await self.db.runQuery(
+            "outbox_claim",
+            _CLAIM_COMMANDS,
+            {
+                "controllers": [c for c, _ in sessions],
+                "epochs": [e for _, e in sessions],
+                "instance": self.instance,
+                "maxInflight": maxInflight,
+                "maxAttempts": maxAttempts,
+                "ackTimeout": ackTimeout,
+                "backoff": backoff,
+            },
+        )
+        return [ClaimedCommand(*row) for row in rows]
+
+    async def unsendCommands(self, rows: Sequence[tuple[str, int, str]]) -> list[object]:
+        """
+        Report claimed commands that were not written: (id, epoch, outcome) with outcome
+        L{NOT_WRITTEN}, L{EXPIRED_AT_WRITE} or L{TOO_LARGE}.
+        """
+        await self.db.runOperation(
+            "outbox_unsend",
+            _UNSEND_COMMANDS,
+            (self.instance, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+        )
+        return [None] * len(rows)
+
+    async def settleCommands(
+        self, rows: Sequence[tuple[str, str, int, bool, str]]
+    ) -> list[tuple[str, str, float]]:
+        """
+        Acks and nacks: (id, controller, epoch, ok, reason).  Only a command sent on that
+        very session is settled.  Returns (id, state, created_at) of those that were.
+        """
+        result = await self.db.runQuery(
+            "outbox_settle",
+            _SETTLE_COMMANDS,
+            (
+                self.instance,
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+                [r[4] for r in rows],
+            ),
+        )
+        return [(i, st, float(created)) for i, st, created in result]
+
+    async def sweepCommands(self, maxAttempts: int, batch: int) -> list[str]:
+        """
+        Finish commands that can no longer be delivered (expired, out of attempts),
+        whoever owns their controller.  Returns their new states.
+        """
+        rows = await self.db.runQuery(
+            "outbox_sweep",
+            _SWEEP_COMMANDS,
+            {"maxAttempts": maxAttempts, "batch": batch, "instance": self.instance},
+        )
+        return [r[0] for r in rows]
+
+    async def queueDepth(self) -> dict[str, int]:
+        rows = await self.db.runQuery("outbox_depth", _QUEUE_DEPTH, (self.instance,))
+        return {state: int(count) for state, count in rows}
+
+    async def sendCommand(self, controller: str, body: object, ttl: float) -> str:
+        rows = await self.db.runQuery(
+            "outbox_send",
+            "SELECT send(%s, %s::jsonb, make_interval(secs => %s))::text",
+            (controller, json.dumps(body), ttl),
+        )
+        return str(rows[0][0])
+
+    async def commandStatus(self, command: str) -> dict[str, Any] | None:
+        rows = await self.db.runQuery(
+            "outbox_status", "SELECT command_status(%s::uuid)", (command,)
+        )
+        return rows[0][0] if rows and rows[0][0] is not None else None
 
     # --- administration (the ctrlgw command) ---
 

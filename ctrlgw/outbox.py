@@ -1,0 +1,273 @@
+"""
+The command outbox: backend commands delivered through the instance that owns the socket.
+
+Applications insert commands into PostgreSQL (C{send()}); this instance claims the due
+commands of the controllers it holds -- when a doorbell NOTIFY names them, when one
+connects, when one answers, when a retry falls due, and on a poll as the fallback -- in
+batched claims, and writes them.  Expiry is checked again at the moment of writing, with
+the gateway clock, and a claimed command that cannot be written is reported back at once.
+Acks and nacks are settled in batches and only for the session the command was sent on.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+
+from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from ctrlgw.batching import BatchWriter
+from ctrlgw.config import OutboxConfig
+from ctrlgw.framing import FramingError
+from ctrlgw.interfaces import ICommandSettler, Session
+from ctrlgw.metrics import Metrics
+from ctrlgw.protocol.connection import ControllerProtocol, State
+from ctrlgw.registry import ConnectionRegistry
+from ctrlgw.store.postgres import EXPIRED_AT_WRITE, NOT_WRITTEN, TOO_LARGE, ClaimedCommand, Store
+
+log = Logger()
+
+FINAL_STATES = ("acked", "nacked", "expired", "failed")
+
+
+def commandsChannel(schema: str) -> str:
+    return f"{schema}_commands"
+
+
+def resultsChannel(schema: str) -> str:
+    return f"{schema}_results"
+
+
+def _isUuid(text: str) -> bool:
+    try:
+        uuid.UUID(text)
+    except ValueError:
+        return False
+    return True
+
+
+@implementer(ICommandSettler)
+class Outbox:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        store: Store,
+        registry: ConnectionRegistry,
+        config: OutboxConfig,
+        metrics: Metrics,
+        clockSkew: Callable[[], float | None] = lambda: None,
+    ) -> None:
+        self.clock = clock
+        self.store = store
+        self.registry = registry
+        self.config = config
+        self.metrics = metrics
+        self.clockSkew = clockSkew
+        self._woken: dict[str, str] = {}  # controller -> what woke it (for metrics)
+        self._wakeAll: str | None = None
+        self._round: IDelayedCall | None = None
+        self._claiming = False
+        self._retries: dict[str, IDelayedCall] = {}
+        self._stopped = False
+        self._settlements: BatchWriter[tuple[str, str, int, bool, str]] = BatchWriter(
+            clock, self._settle, batchSize=500, interval=0.002, maxBuffered=100_000,
+            name="command settlements",
+        )
+        self._unsent: BatchWriter[tuple[str, int, str]] = BatchWriter(
+            clock, lambda rows: Deferred.fromCoroutine(store.unsendCommands(rows)),
+            batchSize=500, interval=0.002, maxBuffered=100_000, name="unsent commands",
+        )
+
+    # --- what wakes the outbox ---
+
+    def wake(self, controllers: Iterable[str] | None, source: str) -> None:
+        """
+        Claim soon for C{controllers} (C{None}: every controller held here).
+        """
+        if self._stopped:
+            return
+        if controllers is None:
+            self._wakeAll = self._wakeAll or source
+        else:
+            for controller in controllers:
+                if self.registry.lookup(controller) is not None:
+                    self._woken.setdefault(controller, source)
+        if (self._woken or self._wakeAll) and self._round is None and not self._claiming:
+            self._round = self.clock.callLater(0, self._startRound)
+
+    def doorbell(self, payload: str) -> None:
+        """
+        A NOTIFY on the commands channel: the controllers that have new commands.
+        """
+        self.wake(None if payload == "*" else payload.split(","), "notify")
+
+    def sessionStarted(self, session: Session) -> None:
+        self.wake([session.controller], "connect")
+
+    def poll(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._poll())
+
+    async def _poll(self) -> None:
+        self.wake(None, "poll")
+        finished = await self.store.sweepCommands(self.config.max_attempts, 1000)
+        for state in finished:
+            self.metrics.commandsFinished.labels(state).inc()
+        depth = await self.store.queueDepth()
+        for state in ("pending", "sent"):
+            self.metrics.commandQueue.labels(state).set(depth.get(state, 0))
+
+    # --- claiming and writing ---
+
+    def _startRound(self) -> None:
+        self._round = None
+        self._claiming = True
+        d = Deferred.fromCoroutine(self._claimRound())
+        d.addErrback(lambda f: log.warn("claiming commands failed: {error}", error=f.getErrorMessage()))
+        d.addBoth(self._roundDone)
+
+    def _roundDone(self, _: object) -> None:
+        self._claiming = False
+        if (self._woken or self._wakeAll) and not self._stopped and self._round is None:
+            self._round = self.clock.callLater(0, self._startRound)
+
+    def _liveConnections(self, controllers: Iterable[str]) -> list[ControllerProtocol]:
+        live = []
+        for controller in controllers:
+            connection = self.registry.lookup(controller)
+            if isinstance(connection, ControllerProtocol) and connection.state is State.LIVE:
+                live.append(connection)
+        return live
+
+    async def _claimRound(self) -> None:
+        if self._wakeAll is not None:
+            source, self._wakeAll = self._wakeAll, None
+            self._woken.clear()
+            targets = [(c, source) for c in list(self._controllersHeld())]
+        else:
+            targets = list(self._woken.items())
+            self._woken.clear()
+        connections = {
+            c.session.controller: c
+            for c in self._liveConnections(controller for controller, _ in targets)
+            if c.session is not None
+        }
+        sources = dict(targets)
+        batch = self.config.claim_batch
+        items = list(connections.values())
+        for start in range(0, len(items), batch):
+            chunk = items[start : start + batch]
+            started = self.clock.seconds()
+            claimed = await self.store.claimCommands(
+                [(c.session.controller, c.session.epoch) for c in chunk if c.session],
+                self.config.max_inflight,
+                self.config.max_attempts,
+                self.config.ack_timeout,
+                self.config.backoff,
+            )
+            self.metrics.claimSeconds.observe(self.clock.seconds() - started)
+            found = {command.controller for command in claimed}
+            for connection in chunk:
+                assert connection.session is not None
+                controller = connection.session.controller
+                self.metrics.claims.labels(
+                    sources.get(controller, "poll"), "found" if controller in found else "empty"
+                ).inc()
+            for command in claimed:
+                self._write(command)
+
+    def _controllersHeld(self) -> Iterable[str]:
+        for connection in self.registry:
+            if connection.session is not None:
+                yield connection.session.controller
+
+    def _write(self, command: ClaimedCommand) -> None:
+        connection = self.registry.lookup(command.controller)
+        if (
+            not isinstance(connection, ControllerProtocol)
+            or connection.session is None
+            or connection.session.epoch != command.epoch
+        ):
+            self._report(command, NOT_WRITTEN)
+            return
+        try:
+            written = connection.deliver(command.id, command.body, command.expiresMs)
+        except FramingError:
+            self._report(command, TOO_LARGE)
+            return
+        if not written:
+            expired = connection.state is State.LIVE
+            self._report(command, EXPIRED_AT_WRITE if expired else NOT_WRITTEN)
+            return
+        if command.attempts > 1:
+            self.metrics.commandRetries.inc()
+        self.metrics.enqueueToWritten.observe(max(0.0, self._databaseNow() - command.createdAt))
+        # A retry falls due after this attempt's ack timeout: wake then.
+        delay = self.config.ack_timeout * self.config.backoff ** (command.attempts - 1)
+        self._scheduleRetry(command.controller, delay)
+
+    def _report(self, command: ClaimedCommand, outcome: str) -> None:
+        self._unsent.add((command.id, command.epoch, outcome)).addErrback(
+            lambda f: log.warn("could not report command {id}: {error}", id=command.id,
+                               error=f.getErrorMessage())
+        )
+        if outcome != NOT_WRITTEN:
+            # That command is finished: the next one in line may go.
+            self.wake([command.controller], "settle")
+
+    def _scheduleRetry(self, controller: str, delay: float) -> None:
+        existing = self._retries.get(controller)
+        if existing is not None and existing.active():
+            if existing.getTime() <= self.clock.seconds() + delay:
+                return
+            existing.cancel()
+
+        def due() -> None:
+            self._retries.pop(controller, None)
+            self.wake([controller], "retry")
+
+        # A little after the database's next_attempt_at, so the claim finds it due.
+        self._retries[controller] = self.clock.callLater(delay + 0.01, due)
+
+    def _databaseNow(self) -> float:
+        skew = self.clockSkew() or 0.0
+        return self.clock.seconds() - skew
+
+    # --- answers from controllers ---
+
+    def settle(self, session: Session, ref: str, ok: bool, reason: str) -> None:
+        if not _isUuid(ref):
+            log.debug("{controller} answered an unknown command {ref!r}",
+                      controller=session.controller, ref=ref)
+            return
+        d = self._settlements.add((ref, session.controller, session.epoch, ok, reason))
+        d.addCallback(lambda _: self.wake([session.controller], "settle"))
+        d.addErrback(lambda f: log.warn("could not settle command {ref}: {error}", ref=ref,
+                                        error=f.getErrorMessage()))
+
+    def _settle(self, rows: Sequence[tuple[str, str, int, bool, str]]) -> Deferred[Sequence[object]]:
+        return Deferred.fromCoroutine(self._settleBatch(rows))
+
+    async def _settleBatch(self, rows: Sequence[tuple[str, str, int, bool, str]]) -> Sequence[object]:
+        settled = await self.store.settleCommands(rows)
+        now = self._databaseNow()
+        for _, state, createdAt in settled:
+            self.metrics.commandsFinished.labels(state).inc()
+            if state == "acked":
+                self.metrics.enqueueToAcked.observe(max(0.0, now - createdAt))
+        return [None] * len(rows)
+
+    # --- lifecycle ---
+
+    def stop(self) -> Deferred[object]:
+        self._stopped = True
+        if self._round is not None and self._round.active():
+            self._round.cancel()
+        self._round = None
+        for call in self._retries.values():
+            if call.active():
+                call.cancel()
+        self._retries.clear()
+        return DeferredList([self._settlements.drain(), self._unsent.drain()])
