@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import json
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TextIO
@@ -24,11 +25,14 @@ from typing import Any, NoReturn, TextIO
 import psycopg2  # exception classes and DSN parsing only: every query goes through Database
 import psycopg2.extensions
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.task import deferLater
 
+from ctrlgw.api import presenceJson
 from ctrlgw.auth import hashToken, newToken
-from ctrlgw.config import ConfigError, Overrides, loadConfig, parseIdentifier
+from ctrlgw.config import ConfigError, Overrides, loadConfig, parseDuration, parseIdentifier
 from ctrlgw.interfaces import Unavailable
 from ctrlgw.metrics import Metrics
+from ctrlgw.outbox import FINAL_STATES, resultsChannel
 from ctrlgw.protocol.messages import CONTROLLER_ID
 from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import startEmbedded
@@ -107,7 +111,7 @@ def makeParser() -> argparse.ArgumentParser:
     after = [_commonOptions(suppress=True)]
     parser = argparse.ArgumentParser(
         prog="ctrlgw",
-        description="Administer a ctrlgw database: migrations, controllers, history.",
+        description="Administer a ctrlgw database: migrations, controllers, history, presence, commands.",
         parents=[_commonOptions(suppress=False)],
         epilog="Exit status: 0 success, 1 failure (database, unknown controller), "
         "2 usage or configuration error.",
@@ -151,7 +155,49 @@ def makeParser() -> argparse.ArgumentParser:
     )
     history.add_argument("--json", action="store_true", help="print a JSON array")
     history.set_defaults(handler=_history, needsSchema=True)
+
+    sessions = commands.add_parser(
+        "sessions", parents=after,
+        help="presence: whether controllers are online, where, since when, with which epoch",
+    )
+    sessions.add_argument("controller", metavar="CONTROLLER", nargs="?")
+    sessions.add_argument("--json", action="store_true", help="print a JSON array")
+    sessions.set_defaults(handler=_sessions, needsSchema=True)
+
+    send = commands.add_parser(
+        "send", parents=after, help="queue a command for a controller (prints its id)"
+    )
+    send.add_argument("controller", metavar="CONTROLLER")
+    send.add_argument("body", metavar="JSON", help="the command body, a JSON document")
+    send.add_argument("--ttl", default="30s", type=_duration,
+                      help="how long the command may wait to be written (default: 30s)")
+    send.add_argument("--wait", action="store_true",
+                      help="wait for the outcome (acked, nacked, expired, failed) and print it")
+    send.set_defaults(handler=_send, needsSchema=True)
+
+    status = commands.add_parser(
+        "status", parents=after, help="a command's state and full history, as JSON"
+    )
+    status.add_argument("command", metavar="COMMAND_ID")
+    status.set_defaults(handler=_status, needsSchema=True)
+
+    tail = commands.add_parser(
+        "tail", parents=after, help="follow outcomes as they happen, until interrupted"
+    )
+    tail.add_argument("--commands", action="store_true", required=True,
+                      help="command outcomes (acked, nacked, expired, failed)")
+    tail.set_defaults(handler=_tail, needsSchema=True)
     return parser
+
+
+def _duration(raw: str) -> float:
+    try:
+        seconds = parseDuration(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if seconds <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return seconds
 
 
 def parseArguments(argv: Sequence[str], out: TextIO, err: TextIO) -> argparse.Namespace | int:
@@ -428,6 +474,111 @@ async def _history(ctx: Context) -> int:
             for at, kind, reason, instance, epoch, peer in rows
         ],
     )
+    return EXIT_OK
+
+
+async def _sessions(ctx: Context) -> int:
+    rows = await ctx.store.presence(ctx.args.controller)
+    presence = [presenceJson(row) for row in rows]
+    if ctx.args.json:
+        _writeJson(ctx.out, presence)
+        return EXIT_OK
+    if not rows:
+        ctx.out.write("no sessions\n" if ctx.args.controller is None
+                      else f"controller {ctx.args.controller} has never connected\n")
+        return EXIT_OK
+    _writeTable(
+        ctx.out,
+        ("CONTROLLER", "ONLINE", "INSTANCE", "EPOCH", "SINCE", "LAST HEARD", "PEER", "LAST REASON"),
+        [
+            (controller, _yesNo(online), instance, epoch, _time(connected), _time(lastSeen), peer,
+             reason)
+            for (controller, online, instance, epoch, _session, _listener, peer, connected,
+                 lastSeen, _disconnected, reason) in rows
+        ],
+    )
+    return EXIT_OK
+
+
+async def _send(ctx: Context) -> int:
+    try:
+        body = json.loads(ctx.args.body)
+    except ValueError as e:
+        raise CommandFailed(f"the command body is not JSON: {e}", EXIT_USAGE) from None
+    if not ctx.args.wait:
+        command = await ctx.store.sendCommand(ctx.args.controller, body, ctx.args.ttl)
+        ctx.out.write(f"{command}\n")
+        return EXIT_OK
+    # Listen before sending, so the outcome cannot slip past; poll the status as well, in
+    # case the notification is lost.
+    outcomes: dict[str, str] = {}
+    listening = await ctx.db.connect()
+    try:
+        listening.addNotifyObserver(lambda n: _noteOutcome(outcomes, n.payload))
+        await listening.runOperation(f'LISTEN "{resultsChannel(ctx.schema)}"')
+        command = await ctx.store.sendCommand(ctx.args.controller, body, ctx.args.ttl)
+        ctx.out.write(f"{command}\n")
+        ctx.out.flush()
+        state = await _awaitOutcome(ctx, command, outcomes)
+    finally:
+        listening.close()
+    status = await ctx.store.commandStatus(command)
+    detail = (status or {}).get("detail") or ""
+    ctx.out.write(f"{state}{': ' + detail if detail else ''}\n")
+    return EXIT_OK if state == "acked" else EXIT_FAILURE
+
+
+def _noteOutcome(outcomes: dict[str, str], payload: str) -> None:
+    try:
+        note = json.loads(payload)
+        outcomes[note["id"]] = note["state"]
+    except (ValueError, KeyError, TypeError):
+        pass
+
+
+async def _awaitOutcome(ctx: Context, command: str, outcomes: dict[str, str]) -> str:
+    polled = 0.0
+    while command not in outcomes:
+        await deferLater(ctx.db.clock, 0.05, lambda: None)
+        polled += 0.05
+        if polled >= 1.0:
+            polled = 0.0
+            status = await ctx.store.commandStatus(command)
+            if status is not None and status["state"] in FINAL_STATES:
+                return str(status["state"])
+    return outcomes[command]
+
+
+async def _status(ctx: Context) -> int:
+    try:
+        uuid.UUID(ctx.args.command)
+    except ValueError:
+        raise CommandFailed(f"not a command id: {ctx.args.command!r}", EXIT_USAGE) from None
+    status = await ctx.store.commandStatus(ctx.args.command)
+    if status is None:
+        raise CommandFailed(f"no command {ctx.args.command}")
+    _writeJson(ctx.out, status)
+    return EXIT_OK
+
+
+async def _tail(ctx: Context) -> int:
+    reactor = ctx.db.reactor
+    listening = await ctx.db.connect()
+    done: Deferred[None] = Deferred()
+
+    def printOutcome(notify: Any) -> None:
+        ctx.out.write(notify.payload + "\n")
+        ctx.out.flush()
+
+    listening.addNotifyObserver(printOutcome)
+    await listening.runOperation(f'LISTEN "{resultsChannel(ctx.schema)}"')
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: None if done.called else done.callback(None)
+    )
+    try:
+        await done
+    finally:
+        listening.close()
     return EXIT_OK
 
 

@@ -60,3 +60,9 @@ class Inbox:
 
     def drain(self) -> Deferred[None]:
         return self.writer.drain()
+
+    def abandon(self) -> None:
+        """
+        Stop retrying: what is still buffered fails with Unavailable (never acked).
+        """
+        self.writer.abandon()

@@ -71,6 +71,9 @@ class EventLog:
     def drain(self) -> Deferred[None]:
         return self._writer.drain()
 
+    def abandon(self) -> None:
+        self._writer.abandon()
+
 
 @implementer(IOwnership)
 class PostgresOwnership:
@@ -180,3 +183,9 @@ class PostgresOwnership:
 
     def drain(self) -> Deferred[None]:
         return self._releases.drain()
+
+    def abandon(self) -> None:
+        """
+        Stop retrying releases (reconciliation marks those rows offline later).
+        """
+        self._releases.abandon()

@@ -408,3 +408,8 @@ class Gateway:
             10.0,
             "draining the inbox and history",
         )
+        # What could not be written in time was never confirmed (nothing acked is lost):
+        # stop retrying it, or the writers would go on after the service stopped.
+        self.inbox.abandon()
+        self.ownership.abandon()
+        self.events.abandon()

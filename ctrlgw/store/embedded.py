@@ -8,6 +8,7 @@ a thread, never on the reactor thread.
 from __future__ import annotations
 
 import os
+import warnings
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
@@ -27,7 +28,10 @@ def startEmbedded(reactor: object, dataDir: str) -> Deferred[str]:
     Start (or join) the embedded server in C{dataDir}; fires with its DSN.
     """
     try:
-        import pgserver
+        with warnings.catch_warnings():
+            # platformdirs complains about XDG_RUNTIME_DIR on servers; it is harmless here.
+            warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
+            import pgserver
     except ImportError:
         raise EmbeddedUnavailable(
             "[database] dsn is empty and the embedded PostgreSQL is not installed: "
