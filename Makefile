@@ -25,6 +25,9 @@ run: install
 test: install
 	$(BIN)/python -m twisted.trial --temp-directory=var/_trial_temp $(TESTS)
 
+bench: install
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
 lint: install
 	$(BIN)/ruff check ctrlgw tests twisted
 	$(BIN)/mypy ctrlgw

@@ -68,20 +68,6 @@ async def waitFor(
         await sleep(interval)
 
 
-async def settleTimers(limit: float = 15.0) -> None:
-    """
-    Wait (bounded) until no short timer is pending on the reactor, so that loops which
-    notice a stop only when their current sleep ends have ended.  Trial's own timeout
-    call is far in the future and ignored.
-    """
-    deadline = reactor.seconds() + limit
-    while reactor.seconds() < deadline:
-        soon = [c for c in reactor.getDelayedCalls() if c.getTime() - reactor.seconds() < 30]
-        if not soon:
-            return
-        await sleep(0.05)
-
-
 class LineClient(Protocol):
     """
     A controller speaking protocol v1 over the C{lines} framing: JSON lines out, every
@@ -182,15 +168,14 @@ def gatewayConfig(dsn: str, schema: str, **sections: dict[str, object]) -> Gatew
 
 async def startGateway(test: Any, config: GatewayConfig, gatewayReactor: Any = None, ready: bool = True) -> Gateway:
     """
-    Start a L{Gateway} on the real reactor; stopped, and its timers settled, when the test
-    ends.  With C{ready}, wait until its readiness checks all pass.
+    Start a L{Gateway} on the real reactor; stopped when the test ends.  With C{ready}, wait until its readiness checks all pass.
     """
     gateway = Gateway(config, gatewayReactor if gatewayReactor is not None else reactor)
 
     async def stop() -> None:
+        # Stopped means stopped: no timer or socket may outlive this (trial checks).
         if gateway.service.running:
             await gateway.service.stopService()
-        await settleTimers()
 
     test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
     gateway.service.startService()
@@ -496,3 +481,34 @@ class DurabilityTests(PostgresTestCase):
         await client.close()
         await gateway.service.stopService()
         self.assertFalse(gateway.db.up)
+
+    @deferred
+    async def test_stopDuringOutage(self) -> None:
+        """
+        Stopped while its database is away, the gateway says bye, waits (bounded) for the
+        backlog, then gives it up unacked -- and nothing of it keeps running afterwards.
+        """
+        server = await deferToThread(RestartablePostgres)
+        self.addCleanup(deferToThread, server.destroy)
+        gateway = await startGateway(self, gatewayConfig(server.dsn, "ctrlgw"))
+        client = await connectClient(self, tcpEndpoint(listenerPort(gateway)))
+        self.assertEqual((await client.hello("plant-1"))["type"], "welcome")
+        client.send(type="msg", id="kept", body=None)
+        await waitFor(lambda: client.acked == ["kept"], "the first ack")
+
+        await deferToThread(server.stop)
+        for i in range(3):
+            client.send(type="msg", id=f"lost-{i}", body=None)
+        await waitFor(lambda: not gateway.db.up, "the gateway to notice the outage", 20)
+        await waitFor(
+            lambda: (metric(gateway, "ctrlgw_inbox_buffered_unacked") or 0) >= 3,
+            "the messages to be buffered",
+        )
+        started = reactor.seconds()
+        await gateway.service.stopService()
+        self.assertLess(reactor.seconds() - started, 30)
+        await waitFor(lambda: not client.connected, "the client to be disconnected", 10)
+        self.assertEqual(client.acked, ["kept"])
+        self.assertEqual([f.get("reason") for f in client.of("bye")], ["shutdown"])
+        self.assertEqual(len(gateway.inbox.writer), 0)
+        self.assertEqual(metric(gateway, "ctrlgw_inbox_buffered_unacked"), 0)
