@@ -50,18 +50,37 @@ async def waitUntil(
 class LineController(Protocol):
     """
     A controller speaking protocol v1 over the lines framing.
+
+    With C{autoAck}, every C{cmd} frame is acked as soon as it arrives.  C{receivedMs}
+    holds, for each frame in C{frames}, the local clock (ms) when it arrived.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, autoAck: bool = False) -> None:
         self.frames: list[Frame] = []
+        self.receivedMs: list[int] = []
         self.closed: Deferred[None] = Deferred()
         self.isClosed = False
+        self.autoAck = autoAck
         self._buffer = b""
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
-        self.frames.extend(json.loads(line) for line in lines if line.strip())
+        arrived = nowMs()
+        for line in lines:
+            if not line.strip():
+                continue
+            frame = json.loads(line)
+            self.frames.append(frame)
+            self.receivedMs.append(arrived)
+            if self.autoAck and frame.get("type") == "cmd" and not self.isClosed:
+                self.send({"type": "ack", "ref": frame["id"]})
+
+    def commandIds(self) -> list[str]:
+        """
+        The ids of the cmd frames received, in order (a re-sent id appears again).
+        """
+        return [f["id"] for f in self.of("cmd")]
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.isClosed = True
@@ -103,8 +122,10 @@ class LineController(Protocol):
             self.transport.abortConnection()
 
 
-async def connectController(port: int, host: str = "127.0.0.1") -> LineController:
-    controller = LineController()
+async def connectController(
+    port: int, host: str = "127.0.0.1", autoAck: bool = False
+) -> LineController:
+    controller = LineController(autoAck)
     await connectProtocol(TCP4ClientEndpoint(reactor, host, port), controller)
     return controller
 
