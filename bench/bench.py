@@ -9,6 +9,7 @@ Measured:
   inbound   durable inbound throughput: controllers pipelining msgs, acks counted
   cmd-one   command latency: single send() calls, paced; send() call to cmd frame received
   cmd-batch one send_many() of N commands; call to last cmd frame received
+  enqueue   send() statements vs one send_many(), nobody connected
   takeover  a controller moves from instance A to B: B's welcome to A's socket closed
   memory    RSS of the gateway per idle, welcomed connection
 """
@@ -220,6 +221,30 @@ async def benchBatch(gw: GatewayProcess, db: Any, controllers: int, perControlle
     return {"commands": len(ids), "seconds": round(elapsed, 3), "per_second": round(len(ids) / elapsed)}
 
 
+async def benchEnqueue(db: Any, count: int, concurrency: int) -> dict[str, Any]:
+    """
+    Enqueue throughput with nobody connected: single send() statements from `concurrency`
+    connections, then one send_many() of the same size.  Each statement rings the doorbell
+    once (a NOTIFY per statement, not per row).
+    """
+    started = time.time()
+
+    async def worker(n: int) -> None:
+        for i in range(n, count, concurrency):
+            await db.runQuery("bench", "SELECT send(%s, %s::jsonb)", (f"offline-{i % 100}", '{"x":1}'))
+
+    await gatherResults([Deferred.fromCoroutine(worker(n)) for n in range(concurrency)])
+    single = time.time() - started
+    started = time.time()
+    await db.runQuery(
+        "bench", "SELECT count(*) FROM send_many(%s::text[], %s::jsonb[])",
+        ([f"offline-{i % 100}" for i in range(count)], ['{"x":1}'] * count),
+    )
+    batch = time.time() - started
+    return {"commands": count, "single_per_second": round(count / single),
+            "send_many_per_second": round(count / batch)}
+
+
 async def benchTakeover(a: GatewayProcess, b: GatewayProcess, rounds: int) -> dict[str, Any]:
     delays = []
     for i in range(rounds):
@@ -272,7 +297,7 @@ async def main(reactor_: Any, args: argparse.Namespace) -> None:
         await a.ready()
         b = GatewayProcess("bench-b", dsn, schema, workdir)
         await b.ready()
-        db = Database(reactor, DatabaseConfig(dsn, "", schema, "off", 2, 5, 30, 30, 1), Metrics())
+        db = Database(reactor, DatabaseConfig(dsn, "", schema, "off", 8, 5, 30, 30, 1), Metrics())
         await db.start(dsn)
         results["inbound"] = await benchInbound(a, args.controllers, args.messages, args.window)
         print("inbound", results["inbound"], flush=True)
@@ -280,6 +305,8 @@ async def main(reactor_: Any, args: argparse.Namespace) -> None:
         print("cmd-one", results["cmd-one"], flush=True)
         results["cmd-batch"] = await benchBatch(a, db, 100, args.batch // 100)
         print("cmd-batch", results["cmd-batch"], flush=True)
+        results["enqueue"] = await benchEnqueue(db, args.enqueue, 8)
+        print("enqueue", results["enqueue"], flush=True)
         results["takeover"] = await benchTakeover(a, b, args.takeovers)
         print("takeover", results["takeover"], flush=True)
         results["memory"] = await benchMemory(b, args.idle)
@@ -310,6 +337,7 @@ if __name__ == "__main__":
     parser.add_argument("--commands", type=int, default=500)
     parser.add_argument("--rate", type=float, default=200.0)
     parser.add_argument("--batch", type=int, default=10_000)
+    parser.add_argument("--enqueue", type=int, default=5000)
     parser.add_argument("--takeovers", type=int, default=100)
     parser.add_argument("--idle", type=int, default=5000)
     options = parser.parse_args()
