@@ -11,9 +11,10 @@ import hmac
 import json
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
+import psycopg2
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -37,10 +38,19 @@ class ApiError(Exception):
         self.message = message
 
 
+def isoTime(value: datetime | None) -> str | None:
+    """
+    A time as the API and the ctrlgw command print it: ISO 8601, UTC, with a Z.
+    """
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return value
+    return isoTime(value) if isinstance(value, datetime) else value
 
 
 def presenceJson(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -105,6 +115,8 @@ class ApiResource(Resource):
             status, body = e.status, {"error": e.message}
         except Unavailable as e:
             status, body = 503, {"error": str(e)}
+        except psycopg2.DataError as e:
+            status, body = 400, {"error": str(e).strip().splitlines()[0]}
         except Exception:
             log.failure("API request {path} failed", path=request.path)
             status, body = 500, {"error": "internal error"}

@@ -27,7 +27,7 @@ import psycopg2.extensions
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.task import deferLater
 
-from ctrlgw.api import presenceJson
+from ctrlgw.api import isoTime, presenceJson
 from ctrlgw.auth import hashToken, newToken
 from ctrlgw.config import ConfigError, Overrides, loadConfig, parseDuration, parseIdentifier
 from ctrlgw.interfaces import Unavailable
@@ -169,8 +169,9 @@ def makeParser() -> argparse.ArgumentParser:
     )
     send.add_argument("controller", metavar="CONTROLLER")
     send.add_argument("body", metavar="JSON", help="the command body, a JSON document")
-    send.add_argument("--ttl", default="30s", type=_duration,
-                      help="how long the command may wait to be written (default: 30s)")
+    send.add_argument("--ttl", type=_duration,
+                      help="how long the command may wait to be written"
+                      " (default: [outbox] default_ttl)")
     send.add_argument("--wait", action="store_true",
                       help="wait for the outcome (acked, nacked, expired, failed) and print it")
     send.set_defaults(handler=_send, needsSchema=True)
@@ -260,6 +261,8 @@ async def _execute(reactor: Any, args: argparse.Namespace, out: TextIO, err: Tex
             schema = parseIdentifier(args.schema)
         except ValueError as e:
             raise ConfigError("command line", None, "--schema", str(e)) from None
+    if getattr(args, "ttl", 0) is None:
+        args.ttl = config.outbox.default_ttl
     controller = getattr(args, "controller", None)
     if controller is not None and not CONTROLLER_ID.fullmatch(controller):
         raise CommandFailed(
@@ -422,8 +425,8 @@ async def _list(ctx: Context) -> int:
                     "enabled": bool(enabled),
                     "online": bool(online),
                     "instance": instance,
-                    "last_seen": _isoTime(lastSeen),
-                    "created": _isoTime(created),
+                    "last_seen": isoTime(lastSeen),
+                    "created": isoTime(created),
                     "note": note,
                 }
                 for controller, enabled, created, note, online, instance, lastSeen in rows
@@ -452,7 +455,7 @@ async def _history(ctx: Context) -> int:
             ctx.out,
             [
                 {
-                    "time": _isoTime(at),
+                    "time": isoTime(at),
                     "kind": kind,
                     "reason": reason,
                     "instance": instance,
@@ -597,12 +600,6 @@ def _time(value: datetime | None) -> str | None:
     if value is None:
         return None
     return _utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
-
-
-def _isoTime(value: datetime | None) -> str | None:
-    if value is None:
-        return None
-    return _utc(value).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 _CONTROL = {c: " " for c in range(32)} | {127: " "}

@@ -85,10 +85,7 @@ class Cluster:
         self.ownership.admitting = True
 
     async def heartbeat(self) -> None:
-        if not self.registered:
-            await self.register()
-            return
-        await self.store.heartbeat()
+        await self.store.heartbeat(socket.gethostname(), os.getpid())
 
     async def unregister(self) -> None:
         if self.registered:

@@ -49,6 +49,13 @@ class AuthFailed(Exception):
         self.reason = reason
 
 
+class Rejected(Exception):
+    """
+    The database refused this one message for its content; it is not stored and not acked,
+    and retransmitting it will not help.
+    """
+
+
 class Fenced(Exception):
     """
     The session is no longer the controller's current one: another connection took over.
@@ -84,7 +91,8 @@ class IMessageSink(Interface):
         """
         Hand over one message.  The Deferred fires once the message is safe (committed),
         and only then may it be acked.  Fails with L{Unavailable} (not taken, not acked;
-        the controller retransmits) or L{Fenced} (the session was superseded).
+        the controller retransmits), L{Fenced} (the session was superseded) or
+        L{Rejected} (this message can never be stored).
         """
 
 

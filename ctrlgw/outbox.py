@@ -209,13 +209,20 @@ class Outbox:
         self._scheduleRetry(command.controller, delay)
 
     def _report(self, command: ClaimedCommand, outcome: str) -> None:
-        self._unsent.add((command.id, command.epoch, outcome)).addErrback(
+        d = self._unsent.add((command.id, command.epoch, outcome))
+        if outcome != NOT_WRITTEN:
+            # Once that is recorded, the command is finished: the next one in line may go.
+            # (Waking before the report commits would claim against a head still 'sent'.)
+            def finished(_: object) -> None:
+                expired = outcome == EXPIRED_AT_WRITE and command.attempts == 1
+                self.metrics.commandsFinished.labels("expired" if expired else "failed").inc()
+                self.wake([command.controller], "settle")
+
+            d.addCallback(finished)
+        d.addErrback(
             lambda f: log.warn("could not report command {id}: {error}", id=command.id,
                                error=f.getErrorMessage())
         )
-        if outcome != NOT_WRITTEN:
-            # That command is finished: the next one in line may go.
-            self.wake([command.controller], "settle")
 
     def _scheduleRetry(self, controller: str, delay: float) -> None:
         existing = self._retries.get(controller)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -72,8 +73,23 @@ class ListenerService(Service):
         self.port: IListeningPort | None = None
         self.error: str | None = None
 
+    def privilegedStartService(self) -> None:
+        # twistd binds here, before the reactor runs: a listener that cannot bind stops
+        # start-up with one line and a non-zero exit instead of a gateway that never
+        # becomes ready.
+        super().privilegedStartService()
+        self._listen()
+        if self.error is not None:
+            sys.stderr.write(f"ctrlgw: {self.label}: cannot listen on {self.description}: {self.error}\n")
+            raise SystemExit(1)
+
     def startService(self) -> None:
         super().startService()
+        if self.port is None and self.error is None:
+            self._listen()
+
+    def _listen(self) -> None:
+        self.error = None
         d = serverFromString(self.reactor, self.description).listen(self.factory)
         d.addCallbacks(self._listening, self._failed)
 
@@ -89,8 +105,6 @@ class ListenerService(Service):
             description=self.description,
             error=self.error,
         )
-        if self.reactor.running:
-            self.reactor.stop()
 
     def stopService(self) -> Deferred[None] | None:
         super().stopService()
@@ -265,7 +279,7 @@ class Gateway:
         ).setServiceParent(top)
 
         PeriodicService(
-            "heartbeat", reactor, config.cluster.heartbeat_interval, self.cluster.heartbeat
+            "heartbeat", reactor, config.cluster.heartbeat_interval, self._heartbeat
         ).setServiceParent(top)
         PeriodicService(
             "reconcile", reactor, config.cluster.reconcile_interval, self._reconcile
@@ -309,10 +323,13 @@ class Gateway:
                 schema=self.db.schema, have=self.schemaVersion, want=latestVersion(),
             )
             return
+        await self._joinCluster()
+
+    async def _joinCluster(self) -> None:
         if not self.cluster.registered:
             await self.cluster.register()
-        if not self.cluster.listener.running:
-            self.cluster.listener.start()
+        if not self.notifications.running:
+            self.notifications.start()
 
     def _migrationsCheck(self) -> tuple[bool, str]:
         want = latestVersion()
@@ -329,6 +346,16 @@ class Gateway:
         if not self.cluster.listener.listening:
             return False, "not listening for takeovers"
         return True, f"instance {self.instance}"
+
+    async def _heartbeat(self) -> None:
+        if self.schemaVersion != latestVersion():
+            # Not migrated when the database came up (migrate = off): look again, and join
+            # the cluster once `ctrlgw migrate` has run.
+            await self._refreshSchema()
+        elif not self.cluster.registered or not self.notifications.running:
+            await self._joinCluster()
+        else:
+            await self.cluster.heartbeat()
 
     async def _reconcile(self) -> None:
         if self.cluster.registered:
@@ -402,9 +429,11 @@ class Gateway:
     async def _drainWriters(self) -> None:
         await _bounded(
             self.reactor,
+            # consumeErrors: drains cut short by the bound fail with CancelledError, which
+            # is expected here, not an unhandled error.
             DeferredList([
                 self.inbox.drain(), self.outbox.stop(), self.ownership.drain(), self.events.drain()
-            ]),
+            ], consumeErrors=True),
             10.0,
             "draining the inbox and history",
         )

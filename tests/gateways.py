@@ -51,13 +51,15 @@ class LineController(Protocol):
     """
     A controller speaking protocol v1 over the lines framing.
 
-    With C{autoAck}, every C{cmd} frame is acked as soon as it arrives.  C{receivedMs}
-    holds, for each frame in C{frames}, the local clock (ms) when it arrived.
+    With C{autoAck}, every C{cmd} frame is acked as soon as it arrives.  C{receivedAt}
+    holds, for each frame in C{frames}, the reactor clock (seconds) when it arrived;
+    C{onFrame}, if set, is called with each frame as it arrives.
     """
 
     def __init__(self, autoAck: bool = False) -> None:
         self.frames: list[Frame] = []
-        self.receivedMs: list[int] = []
+        self.receivedAt: list[float] = []
+        self.onFrame: Callable[[Frame], object] | None = None
         self.closed: Deferred[None] = Deferred()
         self.isClosed = False
         self.autoAck = autoAck
@@ -66,13 +68,14 @@ class LineController(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
         *lines, self._buffer = self._buffer.split(b"\n")
-        arrived = nowMs()
         for line in lines:
             if not line.strip():
                 continue
             frame = json.loads(line)
             self.frames.append(frame)
-            self.receivedMs.append(arrived)
+            self.receivedAt.append(reactor.seconds())
+            if self.onFrame is not None:
+                self.onFrame(frame)
             if self.autoAck and frame.get("type") == "cmd" and not self.isClosed:
                 self.send({"type": "ack", "ref": frame["id"]})
 

@@ -104,8 +104,9 @@ class PrivatePostgres:
         self.path = Path(tempfile.mkdtemp(prefix="ctrlgw-private-pg-"))
         self.server = pgserver.get_server(self.path, cleanup_mode="delete")
         self.dsn = str(self.server.get_uri())
-        info = self.server.get_postmaster_info()
-        self.socketDir = str(info.socket_path) if info.socket_path else str(self.path)
+        # The directory the server's socket lives in (postmaster.pid), not the socket file.
+        socketDir = self.server.get_postmaster_info().socket_dir
+        self.socketDir = str(socketDir) if socketDir is not None else str(self.path)
 
     def stop(self) -> None:
         """

@@ -466,14 +466,14 @@ class MessageTests(ConnectionTestCase):
 
     def test_loneSurrogateId(self) -> None:
         """
-        A msg id with a lone surrogate escape is acked with that same id.
+        A msg id with a lone surrogate escape cannot be stored: it is refused with
+        bad_message, never reaches the sink, and the connection goes on.
         """
         fake, _ = self.live()
         fake.sendPayload(b'{"type":"msg","ts":%d,"id":"m\\udc00","body":1}' % fake.now())
-        self.sink.succeed("m\udc00")
-        self.assertFrames(fake, {"type": "ack", "ref": "m\udc00"})
-        fake.sendPayload(b'{"type":"msg","ts":1,"id":"n\\udc00","body":1}')
-        self.assertFrames(fake, {"type": "error", "code": v1.STALE_TIMESTAMP, "ref": "n\udc00"})
+        self.assertFrames(fake, {"type": "error", "code": v1.BAD_MESSAGE, "ref": None})
+        self.assertEqual(self.sink.messageIds, [])
+        self.assertFalse(fake.transport.disconnecting)
 
     def test_deeplyNestedBody(self) -> None:
         """

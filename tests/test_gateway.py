@@ -98,7 +98,7 @@ class GatewayTests(PostgresTestCase):
         for controller in controllers:
             self.assertEqual(controller.of("bye")[-1]["reason"], "shutdown")
         closedAt.sort()
-        gaps = [later - earlier for earlier, later in zip(closedAt, closedAt[1:])]
+        gaps = [later - earlier for earlier, later in zip(closedAt, closedAt[1:], strict=False)]
         # Three batches (2, 2, 1): two gaps of about bye_interval, the others small.
         self.assertEqual(sum(1 for gap in gaps if gap > 0.2), 2, gaps)
         # Nobody was left behind and the instance left the cluster.

@@ -238,6 +238,23 @@ class DecodeErrorTests(SynchronousTestCase):
         else:
             self.assertCode(v1.BAD_CONTROLLER_ID, data)
 
+    def test_unstorableStringsRefused(self) -> None:
+        """
+        A \\u0000 or an unpaired surrogate anywhere in a frame (PostgreSQL cannot store
+        either) is refused with bad_message, echoing the id only when it is clean.
+        """
+        self.assertCode(
+            v1.BAD_MESSAGE, b'{"type":"msg","ts":1,"id":"m","body":{"k":"a\\u0000"}}', ref="m"
+        )
+        self.assertCode(
+            v1.BAD_MESSAGE, b'{"type":"msg","ts":1,"id":"m","body":{"\\ud800":1}}', ref="m"
+        )
+        self.assertCode(v1.BAD_MESSAGE, b'{"type":"msg","ts":1,"id":"m\\ud800","body":1}')
+        self.assertCode(v1.BAD_MESSAGE, b'{"type":"nack","ts":1,"ref":"c","reason":"\\u0000"}')
+        # A properly paired escape is fine.
+        message = decodeAs(v1.Msg, b'{"type":"msg","ts":1,"id":"m","body":"\\ud83d\\ude00"}')
+        self.assertEqual(message.body, "\U0001f600")
+
 
 class EncodeTests(SynchronousTestCase):
     """
@@ -304,12 +321,11 @@ class EncodeTests(SynchronousTestCase):
 
     def test_loneSurrogateEchoed(self) -> None:
         """
-        An id a controller sent with a lone surrogate escape (valid JSON, no UTF-8 form)
-        is echoed back as valid UTF-8 JSON that decodes to the same id.
+        A string with a lone surrogate (no UTF-8 form) is still encoded as valid UTF-8
+        JSON that decodes to the same string.
         """
-        message = decodeAs(v1.Msg, b'{"type":"msg","ts":1,"id":"m\\ud800"}')
-        data = v1.encode("ack", TS, ref=message.id)
-        self.assertEqual(json.loads(data.decode("utf-8"))["ref"], message.id)
+        data = v1.encode("ack", TS, ref="m\ud800")
+        self.assertEqual(json.loads(data.decode("utf-8"))["ref"], "m\ud800")
 
     @given(
         st.recursive(
@@ -327,7 +343,13 @@ class EncodeTests(SynchronousTestCase):
         """
         self.roundTrip("cmd", id="c", expires=TS, body=body)
 
-    @given(st.text(min_size=1, max_size=v1.MAX_ID_LENGTH))
+    @given(
+        st.text(
+            alphabet=st.characters(blacklist_characters="\x00"),
+            min_size=1,
+            max_size=v1.MAX_ID_LENGTH,
+        )
+    )
     def test_msgIdEcho(self, messageId: str) -> None:
         """
         Any msg id the decoder accepts can be echoed in an ack that decodes to it.

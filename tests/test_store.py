@@ -197,7 +197,7 @@ class ClaimTests(StoreTestCase):
         self.assertEqual(final[1], "gw-a" if claims.index(winner) % 2 == 0 else "gw-b")
         chain = sorted(claims, key=lambda c: c.epoch)
         self.assertIsNone(chain[0].previousEpoch)
-        for before, after in zip(chain, chain[1:]):
+        for before, after in zip(chain, chain[1:], strict=False):
             self.assertEqual(after.previousEpoch, before.epoch)
             self.assertTrue(after.previousOnline)
         count = await self.db.runQuery("t", "SELECT count(*) FROM sessions")

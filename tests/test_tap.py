@@ -225,6 +225,34 @@ class TwistdEndToEndTests(TestCase):
         self.assertIn(f"{bad}: [liveness] ping_interval:", lines[0])
         self.assertNotIn(b"Traceback", out + err)
 
+    async def _portInUse(self) -> None:
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        config = os.path.join(tempfile.mkdtemp(prefix="ctrlgw-busy-"), "busy.ini")
+        with open(config, "w") as f:
+            f.write(
+                f"[listener:main]\nendpoint = tcp:{port}:interface=127.0.0.1\n"
+                f"[http]\nendpoint = tcp:0:interface=127.0.0.1\n"
+            )
+        out, err, code = await getProcessOutputAndValue(
+            TWISTD, ["-n", "--pidfile=", "--logfile=-", "ctrlgw", "--config", config,
+                     "--dsn", "host=/nonexistent"],
+            env=self._env(), path=tempfile.gettempdir(),
+        )
+        self.assertEqual(code, 1, out + err)
+        self.assertIn(f"ctrlgw: listener main: cannot listen on tcp:{port}".encode(), out + err)
+        self.assertNotIn(b"Traceback", out + err)
+
+    def test_portInUseStopsStartup(self) -> Deferred[None]:
+        """
+        A listener that cannot bind stops start-up with one line and exit status 1,
+        instead of a gateway that runs without it.
+        """
+        return Deferred.fromCoroutine(self._portInUse())
+
     def test_helpAndConfigErrors(self) -> Deferred[None]:
         """
         --help documents every option; a bad value stops start-up with one line naming

@@ -28,6 +28,7 @@ from ctrlgw.interfaces import (
     ICommandSettler,
     IMessageSink,
     IOwnership,
+    Rejected,
     Session,
     Unavailable,
 )
@@ -240,7 +241,11 @@ class ControllerProtocol(Protocol):
             # database refused to store for a superseded epoch.
             self.context.metrics.takeovers.labels("fenced").inc()
             self.close(v1.BYE_TAKEOVER)
-        elif self.state is State.LIVE:
+        elif self.state is not State.LIVE:
+            return
+        elif failure.check(Rejected):
+            self._sendError(v1.BAD_MESSAGE, f"refused by the database: {failure.value}", messageId)
+        else:
             if not failure.check(Unavailable):
                 log.failure("storing message {ref} failed", failure, ref=messageId)
             self._sendError(v1.UNAVAILABLE, "not stored; retry later", messageId)

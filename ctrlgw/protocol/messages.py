@@ -111,6 +111,28 @@ def _text(obj: dict[str, Any], key: str, maxLength: int, ref: str | None = None)
     return value
 
 
+def _storable(value: object) -> bool:
+    """
+    Whether every string in C{value} (keys included) can be stored by PostgreSQL.
+    """
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return False
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return False
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return True
+
+
 def decode(payload: bytes) -> Inbound:
     """
     Decode one frame's payload.
@@ -133,7 +155,16 @@ def decode(payload: bytes) -> Inbound:
     ts = obj.get("ts")
     if not _isInt(ts) or ts < 0:
         raise ProtocolError(BAD_MESSAGE, "'ts' must be integer milliseconds since the epoch", ref)
-    return decoder(obj, ts)
+    message = decoder(obj, ts)
+    if b"\\u" in payload and not _storable(obj):
+        # Only a \u escape can smuggle these in; PostgreSQL (jsonb, text) refuses them,
+        # and one such message must never hold up anyone else's batch.
+        raise ProtocolError(
+            BAD_MESSAGE,
+            "strings must not contain \\u0000 or unpaired surrogates",
+            ref if ref is not None and _storable(ref) else None,
+        )
+    return message
 
 
 def _decodeHello(obj: dict[str, Any], ts: int) -> Hello:

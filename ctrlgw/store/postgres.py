@@ -178,29 +178,44 @@ WITH local AS (
                    AND s.online AND s.instance_id = %(instance)s
 ), head AS (
     -- Each controller's first max_inflight unfinished commands, in FIFO order.
-    SELECT c.id, c.state, c.next_attempt_at, c.expires_at, c.attempts, o.epoch
+    SELECT c.id, c.state, c.next_attempt_at, c.expires_at, c.attempts, o.controller_id, o.epoch
     FROM owned o CROSS JOIN LATERAL (
         SELECT id, state, next_attempt_at, expires_at, attempts FROM commands
         WHERE controller_id = o.controller_id AND state IN ('pending', 'sent')
         ORDER BY seq LIMIT %(maxInflight)s
     ) c
 ), due AS (
-    SELECT id, epoch FROM head
+    SELECT id, controller_id, epoch FROM head
     WHERE attempts < %(maxAttempts)s AND expires_at > now()
       AND (state = 'pending' OR next_attempt_at <= now())
+), fenced AS (
+    -- The fence again, for the sessions about to be sent on, under a key-share lock (only
+    -- claim_session's FOR UPDATE conflicts) and at the row's latest version: a new session
+    -- claimed concurrently either waits for this claim to commit, and its trigger then
+    -- requeues what this claim sent, or committed first, and its session is not ours.
+    SELECT s.controller_id, s.epoch FROM sessions s
+    WHERE s.online AND s.instance_id = %(instance)s
+      AND EXISTS (SELECT 1 FROM due WHERE due.controller_id = s.controller_id
+                                      AND due.epoch = s.epoch)
+    FOR KEY SHARE OF s
 ), locked AS (
     SELECT c.id, due.epoch FROM commands c JOIN due ON c.id = due.id
+    JOIN fenced f ON f.controller_id = due.controller_id AND f.epoch = due.epoch
     FOR UPDATE OF c SKIP LOCKED
+), claimed AS (
+    UPDATE commands c SET
+        state = 'sent', attempts = c.attempts + 1, sent_at = now(), sent_epoch = locked.epoch,
+        next_attempt_at = now() + make_interval(
+            secs => %(ackTimeout)s * power(%(backoff)s::float8, c.attempts)),
+        last_instance = %(instance)s, detail = ''
+    FROM locked WHERE c.id = locked.id
+    RETURNING c.seq, c.id::text AS id, c.controller_id, c.body,
+        (extract(epoch FROM c.expires_at) * 1000)::bigint AS expires_ms, c.attempts,
+        c.sent_epoch, extract(epoch FROM c.created_at)::float8 AS created_at
 )
-UPDATE commands c SET
-    state = 'sent', attempts = c.attempts + 1, sent_at = now(), sent_epoch = locked.epoch,
-    next_attempt_at = now() + make_interval(
-        secs => %(ackTimeout)s * power(%(backoff)s::float8, c.attempts)),
-    last_instance = %(instance)s, detail = ''
-FROM locked WHERE c.id = locked.id
-RETURNING c.id::text, c.controller_id, c.body,
-    (extract(epoch FROM c.expires_at) * 1000)::bigint, c.attempts, c.sent_epoch,
-    extract(epoch FROM c.created_at)::float8
+-- RETURNING has no order of its own (it follows the join plan): write in FIFO order.
+SELECT id, controller_id, body, expires_ms, attempts, sent_epoch, created_at
+FROM claimed ORDER BY seq
 """
 
 _UNSEND_COMMANDS = """
@@ -235,7 +250,7 @@ RETURNING c.id::text, c.state, extract(epoch FROM c.created_at)::float8
 _SWEEP_COMMANDS = """
 WITH due AS (
     SELECT id FROM commands
-    WHERE (state = 'pending' AND expires_at <= now())
+    WHERE (state = 'pending' AND (expires_at <= now() OR attempts >= %(maxAttempts)s))
        OR (state = 'sent' AND next_attempt_at <= now()
            AND (attempts >= %(maxAttempts)s OR expires_at <= now()))
     ORDER BY seq LIMIT %(batch)s
@@ -343,13 +358,16 @@ class Store:
         )
         return int(rows[0][0])
 
-    async def heartbeat(self) -> bool:
-        rows = await self.db.runQuery(
+    async def heartbeat(self, host: str, pid: int) -> None:
+        """
+        Refresh this instance's heartbeat (recreating its row if someone removed it).
+        """
+        await self.db.runOperation(
             "instance_heartbeat",
-            "UPDATE instances SET heartbeat_at = now() WHERE instance_id = %s RETURNING 1",
-            (self.instance,),
+            "INSERT INTO instances (instance_id, host, pid) VALUES (%s, %s, %s)"
+            " ON CONFLICT (instance_id) DO UPDATE SET heartbeat_at = now()",
+            (self.instance, host, pid),
         )
-        return bool(rows)
 
     async def unregisterInstance(self) -> None:
         await self.db.runOperation(
