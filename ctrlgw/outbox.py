@@ -111,10 +111,11 @@ class Outbox:
         return Deferred.fromCoroutine(self._poll())
 
     async def _poll(self) -> None:
-        self.wake(None, "poll")
+        # Sweep first: a command it finishes may be all that held up the next in line.
         finished = await self.store.sweepCommands(self.config.max_attempts, 1000)
         for state in finished:
             self.metrics.commandsFinished.labels(state).inc()
+        self.wake(None, "poll")
         depth = await self.store.queueDepth()
         for state in ("pending", "sent"):
             self.metrics.commandQueue.labels(state).set(depth.get(state, 0))

@@ -336,7 +336,7 @@ class Gateway:
         return self.schemaVersion == want, f"schema version {self.schemaVersion}, need {want}"
 
     async def _stopDatabase(self) -> None:
-        self.db.stop()
+        await self.db.stop()
 
     # --- cluster ---
 

@@ -89,7 +89,7 @@ class PostgresTestCase(TestCase):
         try:
             await db.runOperation("drop_schema", f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
         finally:
-            db.stop()
+            await db.stop()
 
 
 class PrivatePostgres:

@@ -30,6 +30,11 @@ from tests.gateways import (
 from tests.pg import PostgresTestCase
 
 
+# Heartbeats far apart: a LISTEN connection a test stops stays stopped (the heartbeat
+# starts it again), while reconciliation keeps its 1s interval.
+DEAF = {"heartbeat_interval": "10m", "instance_ttl": "30m"}
+
+
 def sample(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float:
     value = gateway.metrics.registry.get_sample_value(name, labels or {})
     return value or 0.0
@@ -163,7 +168,8 @@ class ClusterTests(PostgresTestCase):
     # --- the field failure: a middlebox that keeps the old socket open ---
 
     async def _stickyProxy(self, notifications: bool) -> None:
-        a, b = await self.gateways("gw-a", "gw-b")
+        # A long heartbeat: the heartbeat would start a stopped LISTEN connection again.
+        a, b = await self.gateways("gw-a", "gw-b", cluster=DEAF)
         if not notifications:
             a.cluster.listener.stop()
         proxy = StickyProxy()
@@ -265,13 +271,14 @@ class ClusterTests(PostgresTestCase):
     # --- notification loss ---
 
     async def _notifyLoss(self) -> None:
-        a, b = await self.gateways("gw-a", "gw-b")
+        a, b = await self.gateways("gw-a", "gw-b", cluster=DEAF)
         first = await self.controller(a)
         await first.hello("c-1")
         a.cluster.listener.stop()  # A hears no more takeovers.
         second = await self.controller(b)
         await second.hello("c-1")
         took = await waitUntil(lambda: first.isClosed, 5, what="reconciliation on A")
+        self.assertFalse(a.notifications.listening)
         self.assertLess(took, 1.0 + 1.0)  # reconcile_interval is 1s
         self.assertEqual(sample(a, "ctrlgw_takeovers_total", {"scope": "remote"}), 0)
         self.assertGreaterEqual(sample(a, "ctrlgw_reconcile_aborts_total"), 1)

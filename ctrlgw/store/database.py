@@ -103,6 +103,7 @@ class Database:
         self._waiters: deque[Deferred[txpostgres.Connection]] = deque()
         self._healthy = 0
         self._connecting = 0
+        self._settled: list[Deferred[None]] = []
         self._stopped = False
         self._upObservers: list[Callable[[bool], object]] = []
         self._sleeper = Sleeper(reactor)
@@ -135,7 +136,11 @@ class Database:
             self._keepConnecting()
         return first
 
-    def stop(self) -> None:
+    def stop(self) -> Deferred[None]:
+        """
+        Close the pool.  The Deferred fires once no connection attempt is under way any
+        more (callers that do not care may ignore it).
+        """
         self._stopped = True
         self._sleeper.cancelAll()
         for conn in self._idle:
@@ -144,6 +149,12 @@ class Database:
         while self._waiters:
             self._waiters.popleft().errback(Unavailable("database pool stopped"))
         self._setHealthy(0)
+        settled: Deferred[None] = Deferred()
+        if self._connecting:
+            self._settled.append(settled)
+        else:
+            settled.callback(None)
+        return settled
 
     def _setHealthy(self, count: int) -> None:
         was = self.up
@@ -217,6 +228,10 @@ class Database:
                 return
         finally:
             self._connecting -= 1
+            if not self._connecting:
+                settled, self._settled = self._settled, []
+                for d in settled:
+                    d.callback(None)
 
     def _lostWhileIdle(self, conn: txpostgres.Connection) -> None:
         if conn in self._idle:
