@@ -12,7 +12,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 import psycopg2
 from twisted.internet.defer import Deferred
@@ -29,6 +29,10 @@ log = Logger()
 
 
 _MAX_COMMAND_REQUEST = 1024 * 1024
+
+# A route handler gets the request and the path segments; it returns (status, body), or
+# None to pass the request on to the next route.
+RouteHandler = Callable[..., Awaitable[tuple[int, object] | None]]
 
 
 class ApiError(Exception):
@@ -65,7 +69,7 @@ def presenceJson(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def _finish(request: Request, status: int, body: object) -> None:
-    if request.finished or request._disconnected:  # type: ignore[attr-defined]
+    if request.finished or request._disconnected:
         return
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
@@ -86,17 +90,14 @@ class ApiResource(Resource):
         self.token = token.encode()
         self.store = store
         self.defaultTtl = defaultTtl
-        Routes = list[tuple[bytes, int, Callable[..., Awaitable[tuple[int, object]]]]]
-        self.routes: Routes = [
+        self.routes: list[tuple[bytes, int, RouteHandler]] = [
             (b"GET", 1, self.listControllers),
             (b"GET", 2, self.getController),
             (b"GET", 2, self.getCommand),
             (b"POST", 3, self.sendCommand),
         ]
 
-    def addRoute(
-        self, method: bytes, depth: int, handler: Callable[..., Awaitable[tuple[int, object]]]
-    ) -> None:
+    def addRoute(self, method: bytes, depth: int, handler: RouteHandler) -> None:
         """
         Add a handler for requests of C{method} with C{depth} path segments under /v1; it
         gets the segments as arguments and returns (status, body), or None to pass.
@@ -132,6 +133,8 @@ class ApiResource(Resource):
             raise ApiError(401, "missing or wrong bearer token")
 
     async def _dispatch(self, request: Request) -> tuple[int, object]:
+        # server.Request.process sets postpath before any resource renders.
+        assert request.postpath is not None
         segments = [s.decode("utf-8", "replace") for s in request.postpath if s]
         for method, depth, handler in self.routes:
             if len(segments) == depth and request.method == method:
@@ -183,7 +186,10 @@ class ApiResource(Resource):
             return None
         if not CONTROLLER_ID.match(controller):
             raise ApiError(400, "not a controller id")
-        raw = request.content.read(_MAX_COMMAND_REQUEST + 1)
+        # Twisted annotates Request.content by its class default, None; gotLength sets the
+        # body file (its documented type is BinaryIO) before the request is rendered.
+        content = cast(BinaryIO, request.content)
+        raw = content.read(_MAX_COMMAND_REQUEST + 1)
         if len(raw) > _MAX_COMMAND_REQUEST:
             raise ApiError(413, "request body too large")
         try:

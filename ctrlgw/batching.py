@@ -109,7 +109,7 @@ class BatchWriter(Generic[T]):
             d = self._flush([item for item, _ in batch])
         except Exception:
             d = fail()
-        d.addCallbacks(self._flushed, self._flushFailed, (batch,), None, (batch,))
+        d.addCallbacks(self._flushed, self._flushFailed, callbackArgs=(batch,), errbackArgs=(batch,))
 
     def _flushed(self, results: Sequence[object], batch: list[tuple[T, Deferred[object]]]) -> None:
         self._retryDelay = 0.0

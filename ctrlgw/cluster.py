@@ -163,9 +163,9 @@ class Cluster:
                 continue
             if self.ownership.claimInFlight(row.controller):
                 continue  # Committed, not yet bound: never fence a fresh session.
-            connection = self.registry.lookup(row.controller)
-            if connection is not None and connection.session is not None and (
-                connection.session.epoch >= row.epoch
+            bound = self.registry.lookup(row.controller)
+            if bound is not None and bound.session is not None and (
+                bound.session.epoch >= row.epoch
             ):
                 continue
             self.ownership.releaseRow(row.controller, row.epoch, "reconciled")

@@ -396,6 +396,7 @@ def parseConfig(
     @raise ConfigError: with a one-line message naming C{source}, section and key.
     """
     parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    # Keep keys' case: typeshed declares optionxform a method, so assigning str is flagged.
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         parser.read_string(text, source=source)

@@ -47,6 +47,7 @@ class Inbox:
         if self.writer.full:
             self.metrics.inboxRefused.inc()
         row = InboxRow(session.controller, messageId, deviceTs, session.epoch, body)
+        # _write answers None for every row, but BatchWriter types its results as object.
         return self.writer.add(row)  # type: ignore[return-value]
 
     def _flush(self, rows: Sequence[InboxRow]) -> Deferred[Sequence[object]]:

@@ -269,7 +269,7 @@ class Outbox:
 
     # --- lifecycle ---
 
-    def stop(self) -> Deferred[object]:
+    def stop(self) -> Deferred[list[tuple[bool, None]]]:
         self._stopped = True
         if self._round is not None and self._round.active():
             self._round.cancel()

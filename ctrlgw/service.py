@@ -9,7 +9,7 @@ import os
 import socket
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from twisted.application.service import MultiService, Service
@@ -127,8 +127,8 @@ class CallbackService(Service):
     def __init__(
         self,
         name: str,
-        start: Callable[[], Awaitable[None]] | None = None,
-        stop: Callable[[], Awaitable[None]] | None = None,
+        start: Callable[[], Coroutine[Any, Any, None]] | None = None,
+        stop: Callable[[], Coroutine[Any, Any, None]] | None = None,
     ) -> None:
         self.setName(name)
         self._start = start

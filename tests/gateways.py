@@ -2,13 +2,16 @@
 Real gateways and real controllers on loopback, for tests whose claim is about sockets,
 the database or several instances.
 
-L{startGateway} runs a L{Gateway} service on the real reactor against a given PostgreSQL
-schema and waits until it is ready; L{connectController} opens a TCP connection speaking
-JSON lines; L{LineController} records every frame it gets and lets a test wait for one.
+L{startGateway} runs a L{Gateway} service on the real reactor (or one whose clock is off,
+L{SkewedReactor}) against a given PostgreSQL schema and waits until it is ready;
+L{connectController} and L{connectEndpoint} open a connection speaking JSON lines;
+L{LineController} records every frame it gets and lets a test wait for one.  L{waitUntil}
+and L{sleep} wait on the real reactor; L{metric} and L{sample} read a gateway's metrics.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -16,6 +19,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
@@ -27,24 +31,57 @@ from tests.helpers import iniText
 
 Frame = dict[str, Any]
 
+# Database timeouts for tests that take the database away under a live gateway: a
+# connection attempt or a statement to a server that is gone fails within seconds.
+QUICK_DATABASE_TIMEOUTS: Mapping[str, Mapping[str, object]] = {
+    "database": {"connect_timeout": "1s", "statement_timeout": "3s"},
+}
+
 
 def nowMs() -> int:
     return int(reactor.seconds() * 1000)
 
 
+async def sleep(seconds: float) -> None:
+    """
+    Let C{seconds} pass on the real reactor.
+    """
+    await deferLater(reactor, seconds, lambda: None)
+
+
 async def waitUntil(
     condition: Callable[[], object], timeout: float = 15.0, interval: float = 0.02,
-    what: str = "condition",
+    what: str | Callable[[], str] = "condition",
 ) -> float:
     """
-    Poll C{condition} until it is true; return the seconds it took.
+    Poll C{condition} until it is true; return the seconds it took.  After C{timeout}
+    seconds fail, saying C{what} was awaited (a callable is asked only then, for the state
+    at that time).
     """
     started = reactor.seconds()
     while not condition():
         if reactor.seconds() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await deferLater(reactor, interval, lambda: None)
+            description = what() if callable(what) else what
+            raise AssertionError(f"timed out after {timeout}s waiting for {description}")
+        await sleep(interval)
     return reactor.seconds() - started
+
+
+class SkewedReactor:
+    """
+    The real reactor, whose clock reads C{skew} seconds off (ahead when positive): the
+    reactor of a gateway host whose clock is wrong.  Timers and sockets are the real
+    reactor's own.
+    """
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    def seconds(self) -> float:
+        return reactor.seconds() + self.skew
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(reactor, name)
 
 
 class LineController(Protocol):
@@ -85,6 +122,13 @@ class LineController(Protocol):
         """
         return [f["id"] for f in self.of("cmd")]
 
+    def ackedIds(self) -> list[str]:
+        """
+        The refs of the ack frames received, in order: the ids of the messages the
+        gateway has acked.
+        """
+        return [f["ref"] for f in self.of("ack")]
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.isClosed = True
         self.closed.callback(None)
@@ -120,17 +164,57 @@ class LineController(Protocol):
             raise AssertionError(f"no welcome for {controller}: {self.frames}")
         return self.of("welcome")[-1]
 
+    async def helloAnswer(self, controller: str, timeout: float = 20.0, **extra: object) -> Frame:
+        """
+        Say hello; return the welcome or the error that answered it (for a test that
+        expects a refusal; L{hello} fails unless welcomed).
+        """
+        seen = len(self.frames)
+
+        def answer() -> Frame | None:
+            return next(
+                (f for f in self.frames[seen:] if f.get("type") in ("welcome", "error")), None
+            )
+
+        self.send({"type": "hello", "controller": controller, **extra})
+        await waitUntil(lambda: answer() is not None or self.isClosed, timeout,
+                        what=f"an answer to the hello of {controller}")
+        found = answer()
+        if found is None:
+            raise AssertionError(f"closed without an answer to the hello of {controller}")
+        return found
+
     def close(self) -> None:
+        """
+        Drop the connection at once (abort).
+        """
         if not self.isClosed:
             self.transport.abortConnection()
+
+    def leave(self) -> Deferred[None]:
+        """
+        Close the connection in order; the result fires once it is closed.
+        """
+        if not self.isClosed:
+            self.transport.loseConnection()
+        return self.closed
+
+
+async def connectEndpoint(
+    endpoint: IStreamClientEndpoint, autoAck: bool = False
+) -> LineController:
+    """
+    Connect a L{LineController} through C{endpoint} (TLS, say).
+    """
+    controller = LineController(autoAck)
+    await connectProtocol(endpoint, controller)
+    return controller
 
 
 async def connectController(
     port: int, host: str = "127.0.0.1", autoAck: bool = False
 ) -> LineController:
-    controller = LineController(autoAck)
-    await connectProtocol(TCP4ClientEndpoint(reactor, host, port), controller)
-    return controller
+    return await connectEndpoint(TCP4ClientEndpoint(reactor, host, port), autoAck)
 
 
 def gatewayConfigText(
@@ -146,9 +230,20 @@ def gatewayConfigText(
         "cluster": {"heartbeat_interval": "1s", "instance_ttl": "5s", "reconcile_interval": "1s"},
         "timestamps": {"clock_check_interval": "5s"},
     }
-    for name, items in sections.items():
-        base.setdefault(name, {}).update(items)
-    return iniText(base)
+    return iniText(mergeSections(base, sections))
+
+
+def mergeSections(
+    *layers: Mapping[str, Mapping[str, object]],
+) -> dict[str, dict[str, object]]:
+    """
+    Merge configuration sections C{{section: {key: value}}}, later layers winning key by key.
+    """
+    merged: dict[str, dict[str, object]] = {}
+    for layer in layers:
+        for name, items in layer.items():
+            merged.setdefault(name, {}).update(items)
+    return merged
 
 
 async def startGateway(
@@ -158,31 +253,54 @@ async def startGateway(
     instance: str,
     sections: Mapping[str, Mapping[str, object]] = {},
     waitReady: bool = True,
+    gatewayReactor: Any = None,
 ) -> Gateway:
     """
-    Start a gateway service on the real reactor; it is stopped when the test ends.
+    Start a gateway service on the real reactor (or C{gatewayReactor}); it is stopped
+    when the test ends.  With C{waitReady}, wait until its readiness checks all pass.
     """
     config = parseConfig(gatewayConfigText(dsn, schema, instance, sections), f"{instance}.ini")
-    gateway = Gateway(config, reactor)
+    gateway = Gateway(config, gatewayReactor if gatewayReactor is not None else reactor)
     gateway.service.startService()
 
     async def stop() -> None:
+        # Stopped means stopped: no timer or socket may outlive this (trial checks).
         if gateway.service.running:
             await gateway.service.stopService()
 
+    # After the stop: a failure some Deferred of the gateway left unhandled is reported
+    # when the Deferred is collected -- so collect now, in this test, not in a later one.
+    testCase.addCleanup(gc.collect)
     testCase.addCleanup(lambda: Deferred.fromCoroutine(stop()))
     if waitReady:
-        await waitUntil(gateway.readiness.ready, 30, what=f"{instance} ready")
+        await waitUntil(
+            gateway.readiness.ready, 30,
+            what=lambda: f"{instance} ready: {gateway.readiness.evaluate()}",
+        )
     return gateway
 
 
 def listenerPort(gateway: Gateway, name: str = "main") -> int:
     service = gateway.service.getServiceNamed(f"listener:{name}")
-    assert service.port is not None
+    assert service.port is not None, f"listener:{name} not listening"
     return int(service.port.getHost().port)
 
 
 def httpPort(gateway: Gateway) -> int:
     service = gateway.service.getServiceNamed("http")
-    assert service.port is not None
+    assert service.port is not None, "http not listening"
     return int(service.port.getHost().port)
+
+
+def metric(gateway: Gateway, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+    """
+    The value of one sample of the gateway's metrics; C{None} if there is no such sample.
+    """
+    return gateway.metrics.registry.get_sample_value(name, dict(labels or {}))
+
+
+def sample(gateway: Gateway, name: str, labels: Mapping[str, str] | None = None) -> float:
+    """
+    Like L{metric}, but 0 for a sample not (yet) there.
+    """
+    return metric(gateway, name, labels) or 0.0

@@ -4,13 +4,14 @@ Small helpers shared by ctrlgw's tests.
 L{makeConfig} builds a L{GatewayConfig} from an ini text with one listener,
 L{makeContext} wires a L{ConnectionContext} to in-memory seams,
 L{FakeController} drives one L{ControllerProtocol} over a L{StringTransport},
-and L{MemorySink} is an L{IMessageSink} whose Deferreds the test fires.
+L{MemorySink} is an L{IMessageSink} whose Deferreds the test fires, and L{deferred} makes
+an async test method a trial test.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,20 @@ from ctrlgw.ownership import LocalOwnership
 from ctrlgw.protocol.connection import ConnectionContext, ControllerProtocol
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.settler import RecordingSettler
+
+
+def deferred(method: Callable[[Any], Coroutine[Any, Any, Any]]) -> Callable[[Any], Deferred[Any]]:
+    """
+    Run an async test method as a Deferred-returning trial test.
+    """
+
+    def test(self: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(method(self))
+
+    test.__name__ = method.__name__
+    test.__doc__ = method.__doc__
+    return test
+
 
 # A plausible "now" for test clocks: 2023-11-14T22:13:20Z, in seconds.
 EPOCH_SECONDS = 1_700_000_000.0

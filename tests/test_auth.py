@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
-from twisted.internet.endpoints import SSL4ClientEndpoint
+from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -27,16 +29,18 @@ from ctrlgw.config import AuthConfig
 from ctrlgw.interfaces import AuthFailed
 from ctrlgw.metrics import Metrics
 from ctrlgw.ownership import EventLog, PostgresOwnership
+from ctrlgw.service import Gateway
 from ctrlgw.store.postgres import ClaimPolicy, Store
-from tests.pg import PostgresTestCase
-from tests.test_inbox import (
-    connectClient,
-    deferred,
-    gatewayConfig,
+from tests.gateways import (
+    LineController,
+    connectEndpoint,
     listenerPort,
+    metric,
     startGateway,
-    waitFor,
+    waitUntil,
 )
+from tests.helpers import deferred
+from tests.pg import PostgresTestCase
 
 # --- tokens and the limiter ---
 
@@ -326,20 +330,41 @@ def selfSignedCertificate(directory: Path) -> tuple[Path, Path, bytes]:
 class TLSGatewayTests(PostgresTestCase):
     timeout = 120
 
+    def certificate(self) -> tuple[Path, Path, bytes]:
+        """
+        L{selfSignedCertificate} in a directory removed when the test ends.
+        """
+        directory = Path(tempfile.mkdtemp(prefix="ctrlgw-tls-"))
+        self.addCleanup(shutil.rmtree, directory, ignore_errors=True)
+        return selfSignedCertificate(directory)
+
+    async def tlsGateway(
+        self, keyPath: Path, certPath: Path, **sections: dict[str, object]
+    ) -> Gateway:
+        """
+        A gateway whose listener speaks TLS with the given key and certificate.
+        """
+        endpoint = f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}"
+        sections = {"listener:main": {"endpoint": endpoint}, **sections}
+        return await startGateway(self, self.dsn, self.schema, "gw-tls", sections)
+
+    async def client(self, endpoint: IStreamClientEndpoint) -> LineController:
+        """
+        A controller connected through C{endpoint}; it leaves (and is waited for) when the
+        test ends.
+        """
+        client = await connectEndpoint(endpoint)
+        self.addCleanup(client.leave)
+        return client
+
     @deferred
     async def test_tokenOverTLS(self) -> None:
         """
         A controller connecting over TLS with its token is welcomed and its messages are
         acked once stored; a wrong token over the same listener is refused.
         """
-        directory = Path(tempfile.mkdtemp(prefix="ctrlgw-tls-"))
-        self.addCleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
-        keyPath, certPath, certPEM = selfSignedCertificate(directory)
-        endpoint = f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}"
-        config = gatewayConfig(
-            self.dsn, self.schema, listener={"endpoint": endpoint}, auth={"mode": "token"}
-        )
-        gateway = await startGateway(self, config)
+        keyPath, certPath, certPEM = self.certificate()
+        gateway = await self.tlsGateway(keyPath, certPath, auth={"mode": "token"})
         token = newToken()
         await gateway.store.addController("tls-1", hashToken(token), "")
         port = listenerPort(gateway)
@@ -347,48 +372,36 @@ class TLSGatewayTests(PostgresTestCase):
             "localhost", trustRoot=ssl.Certificate.loadPEM(certPEM)
         )
 
-        client = await connectClient(self, SSL4ClientEndpoint(reactor, "127.0.0.1", port, trust))
-        welcome = await client.hello("tls-1", token)
+        client = await self.client(SSL4ClientEndpoint(reactor, "127.0.0.1", port, trust))
+        welcome = await client.helloAnswer("tls-1", token=token)
         self.assertEqual(welcome["type"], "welcome", welcome)
         for i in range(5):
-            client.send(type="msg", id=f"m{i}", body={"i": i})
-        await waitFor(lambda: len(client.acked) == 5, "acks over TLS")
-        self.assertEqual(sorted(client.acked), [f"m{i}" for i in range(5)])
+            client.send({"type": "msg", "id": f"m{i}", "body": {"i": i}})
+        await waitUntil(lambda: len(client.ackedIds()) == 5, 30, what="acks over TLS")
+        self.assertEqual(sorted(client.ackedIds()), [f"m{i}" for i in range(5)])
         rows = await self.db.runQuery(
             "t", "SELECT message_id FROM inbox WHERE controller_id = 'tls-1' ORDER BY 1"
         )
         self.assertEqual([m for (m,) in rows], [f"m{i}" for i in range(5)])
         self.assertTrue(client.transport.getPeerCertificate() is not None)
 
-        intruder = await connectClient(self, SSL4ClientEndpoint(reactor, "127.0.0.1", port, trust))
-        answer = await intruder.hello("tls-1", "not-the-token")
+        intruder = await self.client(SSL4ClientEndpoint(reactor, "127.0.0.1", port, trust))
+        answer = await intruder.helloAnswer("tls-1", token="not-the-token")
         self.assertEqual((answer["type"], answer["code"]), ("error", "auth_failed"), answer)
-        await waitFor(lambda: not intruder.connected, "the refused connection to close", 10)
-        self.assertEqual(
-            gateway.metrics.registry.get_sample_value(
-                "ctrlgw_auth_failures_total", {"reason": "bad_token"}
-            ),
-            1,
-        )
+        await waitUntil(lambda: intruder.isClosed, 10, what="the refused connection to close")
+        self.assertEqual(metric(gateway, "ctrlgw_auth_failures_total", {"reason": "bad_token"}), 1)
         # The first controller is untouched by the intruder.
-        client.send(type="msg", id="m5", body=None)
-        await waitFor(lambda: "m5" in client.acked, "an ack after the refusal")
+        client.send({"type": "msg", "id": "m5", "body": None})
+        await waitUntil(lambda: "m5" in client.ackedIds(), 30, what="an ack after the refusal")
 
     @deferred
     async def test_plainTextRefused(self) -> None:
         """
         A client that does not speak TLS gets no protocol frame from a TLS listener.
         """
-        directory = Path(tempfile.mkdtemp(prefix="ctrlgw-tls-"))
-        self.addCleanup(lambda: __import__("shutil").rmtree(directory, ignore_errors=True))
-        keyPath, certPath, _ = selfSignedCertificate(directory)
-        endpoint = f"ssl:0:interface=127.0.0.1:privateKey={keyPath}:certKey={certPath}"
-        gateway = await startGateway(
-            self, gatewayConfig(self.dsn, self.schema, listener={"endpoint": endpoint})
-        )
-        from tests.test_inbox import tcpEndpoint
-
-        client = await connectClient(self, tcpEndpoint(listenerPort(gateway)))
-        client.send(type="hello", controller="c1")
-        await waitFor(lambda: not client.connected, "the gateway to drop a non-TLS client", 20)
+        keyPath, certPath, _ = self.certificate()
+        gateway = await self.tlsGateway(keyPath, certPath)
+        client = await self.client(TCP4ClientEndpoint(reactor, "127.0.0.1", listenerPort(gateway)))
+        client.send({"type": "hello", "controller": "c1"})
+        await waitUntil(lambda: client.isClosed, 20, what="the gateway to drop a non-TLS client")
         self.assertEqual(client.frames, [])

@@ -11,7 +11,6 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
 from twisted.web.http_headers import Headers
@@ -24,20 +23,16 @@ from tests.gateways import (
     httpPort,
     listenerPort,
     nowMs,
+    sample,
+    sleep,
     startGateway,
     waitUntil,
 )
 from tests.pg import PostgresTestCase
 
-
 # Heartbeats far apart: a LISTEN connection a test stops stays stopped (the heartbeat
 # starts it again), while reconciliation keeps its 1s interval.
 DEAF = {"heartbeat_interval": "10m", "instance_ttl": "30m"}
-
-
-def sample(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float:
-    value = gateway.metrics.registry.get_sample_value(name, labels or {})
-    return value or 0.0
 
 
 class _Backend(Protocol):
@@ -250,7 +245,7 @@ class ClusterTests(PostgresTestCase):
 
         await waitUntil(settled, 15, what="one survivor")
         # Let reconciliation run at least once more: the survivor must stay the survivor.
-        await deferLater(reactor, 1.5, lambda: None)
+        await sleep(1.5)
         alive = [c for c in clients if not c.isClosed]
         self.assertEqual(len(alive), 1)
         epoch, instance, online = await self.sessionRow("c-race")
@@ -390,7 +385,7 @@ class ClusterTests(PostgresTestCase):
             body = json.loads(await readBody(response))
             if not body["online"]:
                 break
-            await deferLater(reactor, 0.05, lambda: None)
+            await sleep(0.05)
         self.assertFalse(body["online"])
         self.assertEqual(body["disconnect_reason"], "peer_closed")
 

@@ -12,7 +12,14 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
-from tests.gateways import connectController, listenerPort, nowMs, startGateway, waitUntil
+from tests.gateways import (
+    connectController,
+    listenerPort,
+    metric,
+    nowMs,
+    startGateway,
+    waitUntil,
+)
 from tests.pg import PostgresTestCase
 
 
@@ -63,9 +70,8 @@ class GatewayTests(PostgresTestCase):
         await waitUntil(lambda: len(binary.frames) > 1, 10, what="ack over int32")
         self.assertEqual(binary.frames[1], {**binary.frames[1], "type": "ack", "ref": "b-1"})
 
-        sample = gateway.metrics.registry.get_sample_value
-        self.assertEqual(sample("ctrlgw_open_connections", {"listener": "main"}), 1)
-        self.assertEqual(sample("ctrlgw_open_connections", {"listener": "binary"}), 1)
+        self.assertEqual(metric(gateway, "ctrlgw_open_connections", {"listener": "main"}), 1)
+        self.assertEqual(metric(gateway, "ctrlgw_open_connections", {"listener": "binary"}), 1)
         rows = await self.db.runQuery(
             "test", "SELECT controller_id, body FROM inbox ORDER BY controller_id"
         )

@@ -1,236 +1,36 @@
 """
 Tests for L{ctrlgw.inbox.Inbox} against a real PostgreSQL, and the durability of acks
 through a whole L{ctrlgw.service.Gateway} while its database goes away and comes back.
-
-The small real-network helpers here (L{LineClient}, L{startGateway}, L{waitFor}) are shared
-with the other gateway tests.
 """
 
 from __future__ import annotations
 
-import gc
-import json
-import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.python.failure import Failure
 
-from ctrlgw.config import GatewayConfig, InboxConfig, sectionKeys
+from ctrlgw.config import InboxConfig
 from ctrlgw.inbox import Inbox
 from ctrlgw.interfaces import Fenced, Rejected, Session, Unavailable
 from ctrlgw.metrics import Metrics
-from ctrlgw.service import Gateway
 from ctrlgw.store.database import Database
 from ctrlgw.store.postgres import ClaimPolicy, InboxRow, Store
-from tests.helpers import makeConfig
+from tests.gateways import (
+    QUICK_DATABASE_TIMEOUTS,
+    LineController,
+    connectController,
+    listenerPort,
+    metric,
+    nowMs,
+    sleep,
+    startGateway,
+    waitUntil,
+)
+from tests.helpers import deferred
 from tests.pg import PostgresTestCase, PrivatePostgres, databaseConfig
-
-# --- helpers shared by the gateway tests ---
-
-
-def deferred(method: Callable[..., Any]) -> Callable[..., Any]:
-    """
-    Run an async test method as a Deferred-returning trial test.
-    """
-
-    def test(self: Any) -> Any:
-        return Deferred.fromCoroutine(method(self))
-
-    test.__name__ = method.__name__
-    test.__doc__ = method.__doc__
-    return test
-
-
-def nowMillis() -> int:
-    return int(reactor.seconds() * 1000)
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def waitFor(
-    predicate: Callable[[], object],
-    what: str | Callable[[], str],
-    timeout: float = 30.0,
-    interval: float = 0.05,
-) -> None:
-    """
-    Poll C{predicate} on the real reactor until it is true; fail after C{timeout} seconds,
-    saying C{what} was awaited (a callable is asked only then, for the state at that time).
-    """
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            description = what() if callable(what) else what
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {description}")
-        await sleep(interval)
-
-
-class LineClient(Protocol):
-    """
-    A controller speaking protocol v1 over the C{lines} framing: JSON lines out, every
-    frame it receives kept in C{frames}.
-    """
-
-    def __init__(self) -> None:
-        self.frames: list[dict[str, Any]] = []
-        self._buffer = b""
-        self.connected = False
-        self.lost: Deferred[None] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.connected = True
-
-    def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            if line.strip():
-                self.frames.append(json.loads(line))
-
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self.connected = False
-        self.lost.callback(None)
-
-    def send(self, **fields: Any) -> None:
-        fields.setdefault("ts", nowMillis())
-        self.transport.write(json.dumps(fields).encode("utf-8") + b"\n")
-
-    def of(self, kind: str) -> list[dict[str, Any]]:
-        return [f for f in self.frames if f["type"] == kind]
-
-    @property
-    def acked(self) -> list[str]:
-        return [f["ref"] for f in self.of("ack")]
-
-    async def hello(self, controller: str, token: str | None = None, timeout: float = 20) -> dict[str, Any]:
-        """
-        Say hello; return the welcome or the error that answered it.
-        """
-        seen = len(self.frames)
-        fields: dict[str, Any] = {"type": "hello", "controller": controller}
-        if token is not None:
-            fields["token"] = token
-        self.send(**fields)
-        await waitFor(
-            lambda: any(f["type"] in ("welcome", "error") for f in self.frames[seen:]),
-            f"an answer to the hello of {controller}",
-            timeout,
-        )
-        return next(f for f in self.frames[seen:] if f["type"] in ("welcome", "error"))
-
-    def close(self) -> Deferred[None]:
-        if self.connected:
-            self.transport.loseConnection()
-        return self.lost
-
-
-async def connectClient(test: Any, endpoint: Any) -> LineClient:
-    """
-    Connect a L{LineClient}; closed (and waited for) when the test ends.
-    """
-    client = await connectProtocol(endpoint, LineClient())
-    test.addCleanup(client.close)
-    return client
-
-
-def gatewayConfig(dsn: str, schema: str, **sections: dict[str, object]) -> GatewayConfig:
-    """
-    A gateway configuration for tests: listeners and HTTP on ephemeral loopback ports,
-    short database reconnects, quick flushes; C{sections} override or add keys.
-    """
-    values: dict[str, dict[str, object]] = {
-        "gateway": {"instance_id": "gw-" + uuid.uuid4().hex[:8]},
-        "http": {"endpoint": "tcp:0:interface=127.0.0.1"},
-        "database": {
-            "dsn": dsn,
-            "schema": schema,
-            "pool_size": 2,
-            "connect_timeout": "1s",
-            "statement_timeout": "3s",
-            "reconnect_max_delay": "0.5s",
-        },
-        "inbox": {"flush_interval": "5ms", "batch_size": 100},
-    }
-    if "cluster" in sectionKeys():
-        values["cluster"] = {
-            "heartbeat_interval": "0.5s",
-            "instance_ttl": "5s",
-            "reconcile_interval": "1s",
-        }
-    listener = sections.pop("listener", {"endpoint": "tcp:0:interface=127.0.0.1"})
-    for name, items in sections.items():
-        values.setdefault(name, {}).update(items)
-    return makeConfig(listener=listener, **values)
-
-
-async def startGateway(
-    test: Any, config: GatewayConfig, gatewayReactor: Any = None, ready: bool = True
-) -> Gateway:
-    """
-    Start a L{Gateway} on the real reactor (or C{gatewayReactor}); stopped when the test
-    ends.  With C{ready}, wait until its readiness checks all pass.
-    """
-    gateway = Gateway(config, gatewayReactor if gatewayReactor is not None else reactor)
-
-    async def stop() -> None:
-        # Stopped means stopped: no timer or socket may outlive this (trial checks).
-        if gateway.service.running:
-            await gateway.service.stopService()
-
-    # After the stop: a failure some Deferred of the gateway left unhandled is reported
-    # when the Deferred is collected -- so collect now, in this test, not in a later one.
-    test.addCleanup(gc.collect)
-    test.addCleanup(lambda: Deferred.fromCoroutine(stop()))
-    gateway.service.startService()
-    if ready:
-        await waitFor(
-            gateway.readiness.ready,
-            lambda: f"the gateway to be ready: {gateway.readiness.evaluate()}",
-        )
-    return gateway
-
-
-def listenerPort(gateway: Gateway, name: str = "main") -> int:
-    port = gateway.service.getServiceNamed(f"listener:{name}").port
-    assert port is not None, "listener not listening"
-    return port.getHost().port
-
-
-def httpPort(gateway: Gateway) -> int:
-    port = gateway.service.getServiceNamed("http").port
-    assert port is not None, "http not listening"
-    return port.getHost().port
-
-
-def tcpEndpoint(port: int) -> TCP4ClientEndpoint:
-    return TCP4ClientEndpoint(reactor, "127.0.0.1", port, timeout=10)
-
-
-class RestartablePostgres(PrivatePostgres):
-    """
-    L{PrivatePostgres} started again in the directory it was created with.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        # The server's socket directory (postmaster.pid), not the socket file in it.
-        socketDir = self.server.get_postmaster_info().socket_dir
-        if socketDir is not None:
-            self.socketDir = str(socketDir)
-
-
-def metric(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float | None:
-    return gateway.metrics.registry.get_sample_value(name, labels or {})
-
 
 # --- Inbox over Store ---
 
@@ -289,7 +89,7 @@ class InboxTests(PostgresTestCase):
         """
         inbox = self.makeInbox()
         session = await self.session("c1")
-        ds = [inbox.submit(session, f"m{i}", nowMillis(), {"i": i}) for i in range(1000)]
+        ds = [inbox.submit(session, f"m{i}", nowMs(), {"i": i}) for i in range(1000)]
         results = await gatherResults(ds, consumeErrors=True)
         self.assertEqual(results, [None] * 1000)
         flushes = self.sample("ctrlgw_inbox_batch_size_count")
@@ -312,7 +112,7 @@ class InboxTests(PostgresTestCase):
         session = await self.session("c1")
         ids = [f"m{i}" for i in range(40)]
         ds = [
-            inbox.submit(session, m, nowMillis(), {"text": "bad\x00" if m == "m17" else "ok"})
+            inbox.submit(session, m, nowMs(), {"text": "bad\x00" if m == "m17" else "ok"})
             for m in ids
         ]
         outcomes = await gatherResults(
@@ -347,7 +147,7 @@ class InboxTests(PostgresTestCase):
 
         ds = []
         for i in range(300):
-            d = inbox.submit(session, f"m{i}", nowMillis(), {"i": i})
+            d = inbox.submit(session, f"m{i}", nowMs(), {"i": i})
             ds.append(d.addCallback(confirmed, f"m{i}"))
             if i % 70 == 0:
                 # Some arrive while a flush is in flight, some after an interval.
@@ -366,12 +166,12 @@ class InboxTests(PostgresTestCase):
         """
         inbox = self.makeInbox()
         session = await self.session("c1")
-        await inbox.submit(session, "m1", nowMillis(), {"v": 1})
+        await inbox.submit(session, "m1", nowMs(), {"v": 1})
         again = await gatherResults(
             [
-                inbox.submit(session, "m1", nowMillis(), {"v": 2}),
-                inbox.submit(session, "m2", nowMillis(), {"v": 1}),
-                inbox.submit(session, "m2", nowMillis(), {"v": 2}),
+                inbox.submit(session, "m1", nowMs(), {"v": 2}),
+                inbox.submit(session, "m2", nowMs(), {"v": 1}),
+                inbox.submit(session, "m2", nowMs(), {"v": 2}),
             ]
         )
         self.assertEqual(again, [None, None, None])
@@ -390,8 +190,8 @@ class InboxTests(PostgresTestCase):
         inbox = self.makeInbox()
         old = await self.session("c1")
         new = await self.session("c1")
-        stale = inbox.submit(old, "stale", nowMillis(), None)
-        fresh = inbox.submit(new, "fresh", nowMillis(), None)
+        stale = inbox.submit(old, "stale", nowMs(), None)
+        fresh = inbox.submit(new, "fresh", nowMs(), None)
         self.assertIsNone(await fresh)
         with self.assertRaises(Fenced):
             await stale
@@ -405,8 +205,8 @@ class InboxTests(PostgresTestCase):
         """
         inbox = self.makeInbox(max_buffered=5, batch_size=100, flush_interval=0.5)
         session = await self.session("c1")
-        ds = [inbox.submit(session, f"m{i}", nowMillis(), None) for i in range(5)]
-        refused = inbox.submit(session, "m5", nowMillis(), None)
+        ds = [inbox.submit(session, f"m{i}", nowMs(), None) for i in range(5)]
+        refused = inbox.submit(session, "m5", nowMs(), None)
         self.assertTrue(refused.called)
         with self.assertRaises(Unavailable):
             await refused
@@ -427,7 +227,7 @@ class InboxTests(PostgresTestCase):
         store = RecordingStore(db, "gw-1")
         inbox = Inbox(reactor, store, InboxConfig(100, 0.005, 1000), self.inboxMetrics)
         session = await self.session("c1")
-        ds = [inbox.submit(session, f"m{i}", nowMillis(), None) for i in range(10)]
+        ds = [inbox.submit(session, f"m{i}", nowMs(), None) for i in range(10)]
         await sleep(0.3)
         self.assertEqual([d.called for d in ds], [False] * 10)
         self.assertEqual(await self.stored([f"m{i}" for i in range(10)]), set())
@@ -446,28 +246,39 @@ class DurabilityTests(PostgresTestCase):
 
     timeout = 180
 
+    async def client(self, port: int) -> LineController:
+        """
+        Connect a controller; it leaves (and is waited for) when the test ends.
+        """
+        client = await connectController(port)
+        self.addCleanup(client.leave)
+        return client
+
     @deferred
     async def test_databaseOutage(self) -> None:
-        server = await deferToThread(RestartablePostgres)
+        server = await deferToThread(PrivatePostgres)
         self.addCleanup(deferToThread, server.destroy)
-        config = gatewayConfig(server.dsn, "ctrlgw")
-        gateway = await startGateway(self, config)
+        gateway = await startGateway(
+            self, server.dsn, "ctrlgw", "gw-outage", QUICK_DATABASE_TIMEOUTS
+        )
         self.assertEqual(metric(gateway, "ctrlgw_db_up"), 1)
         port = listenerPort(gateway)
 
-        client = await connectClient(self, tcpEndpoint(port))
-        welcome = await client.hello("plant-1")
+        client = await self.client(port)
+        welcome = await client.helloAnswer("plant-1")
         self.assertEqual(welcome["type"], "welcome", welcome)
         sent: list[str] = []
 
         def send(messageId: str) -> None:
             sent.append(messageId)
-            client.send(type="msg", id=messageId, body={"seq": len(sent)})
+            client.send({"type": "msg", "id": messageId, "body": {"seq": len(sent)}})
 
         before = [f"before-{i}" for i in range(20)]
         for messageId in before:
             send(messageId)
-        await waitFor(lambda: set(before) <= set(client.acked), "acks before the outage")
+        await waitUntil(
+            lambda: set(before) <= set(client.ackedIds()), 30, what="acks before the outage"
+        )
 
         # The database goes away under the gateway.
         await deferToThread(server.stop)
@@ -475,31 +286,36 @@ class DurabilityTests(PostgresTestCase):
         for messageId in during:
             send(messageId)
         # Nothing is acked while nothing can be committed; the gateway notices the outage.
-        await waitFor(lambda: not gateway.db.up, "the gateway to notice the outage", 20)
+        await waitUntil(lambda: not gateway.db.up, 20, what="the gateway to notice the outage")
         self.assertEqual(metric(gateway, "ctrlgw_db_up"), 0)
         await sleep(1.5)
-        self.assertEqual([m for m in client.acked if m in during], [])
+        self.assertEqual([m for m in client.ackedIds() if m in during], [])
         self.assertEqual(client.of("error"), [])
-        self.assertTrue(client.connected)
+        self.assertFalse(client.isClosed)
         self.assertGreaterEqual(metric(gateway, "ctrlgw_inbox_buffered_unacked") or 0, 10)
 
         # A new controller cannot be admitted meanwhile: refused, to retry later.
-        newcomer = await connectClient(self, tcpEndpoint(port))
-        answer = await newcomer.hello("plant-2")
+        newcomer = await self.client(port)
+        answer = await newcomer.helloAnswer("plant-2")
         self.assertEqual(answer["type"], "error", answer)
         self.assertEqual(answer["code"], "unavailable", answer)
-        await waitFor(lambda: not newcomer.connected, "the refused connection to close", 10)
+        await waitUntil(lambda: newcomer.isClosed, 10, what="the refused connection to close")
         self.assertEqual(newcomer.of("welcome"), [])
 
         # The database comes back: the gateway reconnects by itself and acks the backlog.
         await deferToThread(server.start)
-        await waitFor(lambda: metric(gateway, "ctrlgw_db_up") == 1, "db_up back to 1", 30)
-        await waitFor(lambda: set(during) <= set(client.acked), "acks of the buffered messages", 30)
+        await waitUntil(lambda: metric(gateway, "ctrlgw_db_up") == 1, 30, what="db_up back to 1")
+        await waitUntil(
+            lambda: set(during) <= set(client.ackedIds()), 30,
+            what="acks of the buffered messages",
+        )
         after = [f"after-{i}" for i in range(5)]
         for messageId in after:
             send(messageId)
-        await waitFor(lambda: set(after) <= set(client.acked), "acks after the outage", 30)
-        await waitFor(gateway.readiness.ready, "readiness after the outage", 30)
+        await waitUntil(
+            lambda: set(after) <= set(client.ackedIds()), 30, what="acks after the outage"
+        )
+        await waitUntil(gateway.readiness.ready, 30, what="readiness after the outage")
 
         # Every acked message is committed, exactly once; nothing sent went unacked.
         db = Database(reactor, databaseConfig("ctrlgw"), Metrics())
@@ -509,7 +325,7 @@ class DurabilityTests(PostgresTestCase):
             "t", "SELECT message_id, count(*) FROM inbox WHERE controller_id = 'plant-1' GROUP BY 1"
         )
         counts = dict(rows)
-        acked = set(client.acked)
+        acked = set(client.ackedIds())
         self.assertEqual(acked, set(sent))
         self.assertEqual(sorted(m for m in acked if m not in counts), [])
         self.assertEqual({m: n for m, n in counts.items() if n != 1}, {})
@@ -517,7 +333,7 @@ class DurabilityTests(PostgresTestCase):
         self.assertEqual(metric(gateway, "ctrlgw_inbox_buffered_unacked"), 0)
 
         # Orderly end: the client leaves, the gateway stops.
-        await client.close()
+        await client.leave()
         await gateway.service.stopService()
         self.assertFalse(gateway.db.up)
 
@@ -527,27 +343,29 @@ class DurabilityTests(PostgresTestCase):
         Stopped while its database is away, the gateway says bye, waits (bounded) for the
         backlog, then gives it up unacked -- and nothing of it keeps running afterwards.
         """
-        server = await deferToThread(RestartablePostgres)
+        server = await deferToThread(PrivatePostgres)
         self.addCleanup(deferToThread, server.destroy)
-        gateway = await startGateway(self, gatewayConfig(server.dsn, "ctrlgw"))
-        client = await connectClient(self, tcpEndpoint(listenerPort(gateway)))
-        self.assertEqual((await client.hello("plant-1"))["type"], "welcome")
-        client.send(type="msg", id="kept", body=None)
-        await waitFor(lambda: client.acked == ["kept"], "the first ack")
+        gateway = await startGateway(
+            self, server.dsn, "ctrlgw", "gw-stopping", QUICK_DATABASE_TIMEOUTS
+        )
+        client = await self.client(listenerPort(gateway))
+        self.assertEqual((await client.helloAnswer("plant-1"))["type"], "welcome")
+        client.send({"type": "msg", "id": "kept", "body": None})
+        await waitUntil(lambda: client.ackedIds() == ["kept"], 30, what="the first ack")
 
         await deferToThread(server.stop)
         for i in range(3):
-            client.send(type="msg", id=f"lost-{i}", body=None)
-        await waitFor(lambda: not gateway.db.up, "the gateway to notice the outage", 20)
-        await waitFor(
-            lambda: (metric(gateway, "ctrlgw_inbox_buffered_unacked") or 0) >= 3,
-            "the messages to be buffered",
+            client.send({"type": "msg", "id": f"lost-{i}", "body": None})
+        await waitUntil(lambda: not gateway.db.up, 20, what="the gateway to notice the outage")
+        await waitUntil(
+            lambda: (metric(gateway, "ctrlgw_inbox_buffered_unacked") or 0) >= 3, 30,
+            what="the messages to be buffered",
         )
         started = reactor.seconds()
         await gateway.service.stopService()
         self.assertLess(reactor.seconds() - started, 30)
-        await waitFor(lambda: not client.connected, "the client to be disconnected", 10)
-        self.assertEqual(client.acked, ["kept"])
+        await waitUntil(lambda: client.isClosed, 10, what="the client to be disconnected")
+        self.assertEqual(client.ackedIds(), ["kept"])
         self.assertEqual([f.get("reason") for f in client.of("bye")], ["shutdown"])
         self.assertEqual(len(gateway.inbox.writer), 0)
         self.assertEqual(metric(gateway, "ctrlgw_inbox_buffered_unacked"), 0)

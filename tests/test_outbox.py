@@ -15,8 +15,6 @@ import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.task import deferLater
 from twisted.web.client import Agent, FileBodyProducer, readBody
 from twisted.web.http_headers import Headers
 
@@ -27,41 +25,18 @@ from ctrlgw.store.postgres import _CLAIM_COMMANDS, Store
 from tests.gateways import (
     Frame,
     LineController,
+    SkewedReactor,
     connectController,
     httpPort,
     listenerPort,
+    mergeSections,
+    nowMs,
+    sample,
+    sleep,
     startGateway,
     waitUntil,
 )
 from tests.pg import PostgresTestCase
-
-
-def sample(gateway: Gateway, name: str, labels: dict[str, str] | None = None) -> float:
-    value = gateway.metrics.registry.get_sample_value(name, labels or {})
-    return value or 0.0
-
-
-async def pause(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-class SkewedClock:
-    """
-    The real reactor's clock running C{offset} seconds ahead: the clock of a gateway host
-    that is fast.  Timers are the reactor's own.
-    """
-
-    def __init__(self, offset: float) -> None:
-        self.offset = offset
-
-    def seconds(self) -> float:
-        return reactor.seconds() + self.offset
-
-    def callLater(self, delay: float, f: Any, *args: Any, **kw: Any) -> IDelayedCall:
-        return reactor.callLater(delay, f, *args, **kw)
-
-    def getDelayedCalls(self) -> Sequence[IDelayedCall]:
-        return reactor.getDelayedCalls()
 
 
 class OutboxTests(PostgresTestCase):
@@ -74,9 +49,7 @@ class OutboxTests(PostgresTestCase):
     # --- helpers ---
 
     async def gateway(self, instance: str, **sections: dict[str, object]) -> Gateway:
-        merged: dict[str, dict[str, object]] = {"outbox": {"poll_interval": "200ms"}}
-        for name, items in sections.items():
-            merged.setdefault(name, {}).update(items)
+        merged = mergeSections({"outbox": {"poll_interval": "200ms"}}, sections)
         return await startGateway(self, self.dsn, self.schema, instance, merged)
 
     async def controller(self, target: Gateway | int, autoAck: bool = False) -> LineController:
@@ -117,7 +90,7 @@ class OutboxTests(PostgresTestCase):
                 self.fail(f"{command} ended {current['state']} ({current['detail']!r}), not {state}")
             if reactor.seconds() - started > timeout:
                 self.fail(f"{command} still {current['state']} after {timeout}s, not {state}")
-            await pause(0.02)
+            await sleep(0.02)
 
     def history(self, status: dict[str, Any]) -> list[tuple[str, int, str | None]]:
         return [(e["state"], e["attempt"], e["instance"]) for e in status["history"]]
@@ -225,7 +198,7 @@ class OutboxTests(PostgresTestCase):
         await client.hello("c-1")
         ids = await self.sendMany(["c-1"] * 3, [{"n": n} for n in range(3)])
         await client.waitFor("cmd", id=ids[0])
-        await pause(0.7)  # three polls: nothing more while the first is unacked
+        await sleep(0.7)  # three polls: nothing more while the first is unacked
         self.assertEqual(client.commandIds(), ids[:1])
         latencies = []
         for k in range(3):
@@ -254,17 +227,17 @@ class OutboxTests(PostgresTestCase):
         client = await self.controller(a)
         await client.hello("c-1")
         await waitUntil(lambda: len(client.of("cmd")) >= 2, 5, what="two commands")
-        await pause(0.5)
+        await sleep(0.5)
         self.assertEqual(client.commandIds(), ids[:2])
         client.send({"type": "ack", "ref": ids[0]})
         await client.waitFor("cmd", id=ids[2])
-        await pause(0.3)
+        await sleep(0.3)
         self.assertEqual(client.commandIds(), ids[:3])
         # Both slots free at once: the next two are claimed together, still in order.
         client.send({"type": "ack", "ref": ids[1]})
         client.send({"type": "ack", "ref": ids[2]})
         await waitUntil(lambda: len(client.of("cmd")) >= 5, 5, what="five commands")
-        await pause(0.3)
+        await sleep(0.3)
         self.assertEqual(client.commandIds(), ids[:5])
 
     def test_twoInFlight(self) -> Deferred[None]:
@@ -332,7 +305,7 @@ class OutboxTests(PostgresTestCase):
             self.assertGreaterEqual(gap, 290)
             self.assertLess(gap, 800)
         self.assertEqual(sample(a, "ctrlgw_command_retries_total"), 2)
-        await pause(0.5)
+        await sleep(0.5)
         self.assertEqual(len(client.of("cmd")), 3)
         print(f"\nretry gaps: {', '.join(f'{g:.0f}' for g in gaps)} ms")
 
@@ -376,7 +349,7 @@ class OutboxTests(PostgresTestCase):
     async def _expiry(self) -> None:
         a = await self.gateway("gw-a")
         stale = await self.send("c-1", {"op": "late"}, "200 milliseconds")
-        await pause(0.4)
+        await sleep(0.4)
         client = await self.controller(a)
         await client.hello("c-1")
         fresh = await self.send("c-1", {"op": "fresh"})
@@ -401,7 +374,7 @@ class OutboxTests(PostgresTestCase):
     async def _expiredAtWrite(self) -> None:
         # No poll after the first: only the outbox's own wake-ups may move the queue on.
         a = await self.gateway("gw-a", outbox={"poll_interval": "1h"})
-        a.context.clock = SkewedClock(5.0)  # type: ignore[assignment]
+        a.context.clock = SkewedReactor(5.0)  # type: ignore[assignment]
         doomed = await self.send("c-1", {"op": "short"}, "2 seconds")
         after = await self.send("c-1", {"op": "long"})
         client = await self.controller(a, autoAck=True)
@@ -588,7 +561,7 @@ class OutboxTests(PostgresTestCase):
             " UPDATE sessions SET last_seen_at = now() WHERE controller_id = 'c-1'"
         )
         claiming = Deferred.fromCoroutine(store.claimCommands([("c-1", old.epoch)], 1, 5, 10.0, 2.0))
-        await pause(0.2)
+        await sleep(0.2)
         await other.runOperation("COMMIT")
         self.assertEqual([(c.id, c.epoch) for c in await claiming], [(command, old.epoch)])
         await store.unsendCommands([(command, old.epoch, "not_written")])
@@ -598,7 +571,7 @@ class OutboxTests(PostgresTestCase):
         await other.runOperation("BEGIN")
         await other.runQuery(newSession)
         claiming = Deferred.fromCoroutine(store.claimCommands([("c-1", old.epoch)], 1, 5, 10.0, 2.0))
-        await pause(0.3)
+        await sleep(0.3)
         await other.runOperation("COMMIT")
         self.assertEqual(await claiming, [])
         status = await self.status(command)
@@ -616,7 +589,7 @@ class OutboxTests(PostgresTestCase):
         )
         self.assertEqual([r[0] for r in rows], [command])
         superseding = Deferred.fromCoroutine(store.claimSession("c-1", "main", "10.0.0.1:4"))
-        await pause(0.3)
+        await sleep(0.3)
         await other.runOperation("COMMIT")
         new = await superseding
         status = await self.status(command)
@@ -659,7 +632,7 @@ class OutboxTests(PostgresTestCase):
         await new.waitFor("cmd", id=command)
         stale = proxy.backends[0]
         stale.transport.write(
-            json.dumps({"type": "ack", "ref": command, "ts": int(reactor.seconds() * 1000)}).encode()
+            json.dumps({"type": "ack", "ref": command, "ts": nowMs()}).encode()
             + b"\n"
         )
         await waitUntil(
@@ -735,7 +708,7 @@ class OutboxTests(PostgresTestCase):
                 [name for name in names for _ in range(batch)],
                 [{"c": name, "k": round * batch + k} for name in names for k in range(batch)],
             )
-            await pause(0.1)
+            await sleep(0.1)
         total = len(names) * perController
 
         async def countFinal() -> int:
@@ -746,7 +719,7 @@ class OutboxTests(PostgresTestCase):
 
         while await countFinal() < total:
             self.assertLess(reactor.seconds() - started, 25, "not every command finished in time")
-            await pause(0.05)
+            await sleep(0.05)
         elapsed = reactor.seconds() - started
         finished = True
         await movers
@@ -804,11 +777,11 @@ class OutboxTests(PostgresTestCase):
         await client.hello("c-1")
         command = await self.send("c-1", {"op": "x"})
         await client.waitFor("cmd", id=command)
-        await pause(0.1)
+        await sleep(0.1)
         self.assertEqual(results, [])  # sent is not a result
         client.send({"type": "ack", "ref": command})
         await waitUntil(lambda: results, 5, what="a result notification")
-        await pause(0.1)
+        await sleep(0.1)
         self.assertEqual(len(results), 1)
         self.assertEqual(
             json.loads(results[0]),
@@ -830,7 +803,7 @@ class OutboxTests(PostgresTestCase):
         )
         self.assertEqual(len(set(ids)), 50)
         await waitUntil(lambda: doorbell, 5, what="the doorbell")
-        await pause(0.3)
+        await sleep(0.3)
         self.assertEqual(len(doorbell), 1)
         self.assertEqual(sorted(doorbell[0].split(",")), controllers)
         await self.send("d-3", {"one": 1})

@@ -16,31 +16,16 @@ from twisted.internet.threads import deferToThread
 from twisted.web.client import Agent, HTTPConnectionPool, readBody
 
 from ctrlgw.service import Gateway
-from tests.pg import PostgresTestCase
-from tests.test_inbox import (
-    RestartablePostgres,
-    deferred,
-    gatewayConfig,
+from tests.gateways import (
+    QUICK_DATABASE_TIMEOUTS,
+    SkewedReactor,
     httpPort,
     sleep,
     startGateway,
-    waitFor,
+    waitUntil,
 )
-
-
-class SkewedReactor:
-    """
-    The real reactor, whose clock reads C{skew} seconds off.
-    """
-
-    def __init__(self, skew: float) -> None:
-        self.skew = skew
-
-    def seconds(self) -> float:
-        return reactor.seconds() + self.skew
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(reactor, name)
+from tests.helpers import deferred
+from tests.pg import PostgresTestCase, PrivatePostgres
 
 
 class ProbeTestCase(PostgresTestCase):
@@ -83,7 +68,7 @@ class ReadinessTests(ProbeTestCase):
         Once the database is up, the schema current and the clock measured, C{/readyz}
         answers 200 with every check passing.
         """
-        gateway = await startGateway(self, gatewayConfig(self.dsn, self.schema), ready=False)
+        gateway = await startGateway(self, self.dsn, self.schema, "gw-ready", waitReady=False)
         body = await self.waitForReadiness(gateway, 200)
         self.assertEqual(body["status"], "ready")
         self.assertEqual(body["failing"], [])
@@ -96,7 +81,7 @@ class ReadinessTests(ProbeTestCase):
 
     @deferred
     async def test_healthAndMetrics(self) -> None:
-        gateway = await startGateway(self, gatewayConfig(self.dsn, self.schema))
+        gateway = await startGateway(self, self.dsn, self.schema, "gw-health")
         code, body = await self.get(gateway, "/healthz")
         self.assertEqual((code, json.loads(body)), (200, {"status": "ok"}))
         code, body = await self.get(gateway, "/metrics")
@@ -114,9 +99,13 @@ class ReadinessTests(ProbeTestCase):
         """
         schema = "t_" + uuid.uuid4().hex[:12]
         self.addCleanup(self.db.runOperation, "drop", f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-        config = gatewayConfig(self.dsn, schema, database={"migrate": "off"})
-        gateway = await startGateway(self, config, ready=False)
-        await waitFor(lambda: gateway.db.up and gateway.instanceSkew is not None, "the database")
+        gateway = await startGateway(
+            self, self.dsn, schema, "gw-unmigrated", {"database": {"migrate": "off"}},
+            waitReady=False,
+        )
+        await waitUntil(
+            lambda: gateway.db.up and gateway.instanceSkew is not None, 30, what="the database"
+        )
         code, body = await self.ready(gateway)
         self.assertEqual(code, 503)
         self.assertEqual(body["status"], "unready")
@@ -131,11 +120,13 @@ class ReadinessTests(ProbeTestCase):
         A gateway whose database cannot be reached is alive (C{/healthz} 200) but not ready,
         naming the database.
         """
-        config = gatewayConfig(
-            "postgresql://postgres:@/postgres?host=/nonexistent-ctrlgw-socket-dir", self.schema
+        gateway = await startGateway(
+            self, "postgresql://postgres:@/postgres?host=/nonexistent-ctrlgw-socket-dir",
+            self.schema, "gw-unreachable", QUICK_DATABASE_TIMEOUTS, waitReady=False,
         )
-        gateway = await startGateway(self, config, ready=False)
-        await waitFor(lambda: gateway.service.getServiceNamed("http").port is not None, "http")
+        await waitUntil(
+            lambda: gateway.service.getServiceNamed("http").port is not None, 30, what="http"
+        )
         code, body = await self.ready(gateway)
         self.assertEqual(code, 503)
         self.assertIn("database", body["failing"])
@@ -155,13 +146,15 @@ class ClockReadinessTests(ProbeTestCase):
         alone.
         """
         gateway = await startGateway(
-            self, gatewayConfig(self.dsn, self.schema), SkewedReactor(30.0), ready=False
+            self, self.dsn, self.schema, "gw-skewed", waitReady=False,
+            gatewayReactor=SkewedReactor(30.0),
         )
-        await waitFor(lambda: gateway.instanceSkew is not None, "the clock check")
+        await waitUntil(lambda: gateway.instanceSkew is not None, 30, what="the clock check")
         self.assertLess(abs((gateway.instanceSkew or 0) - 30.0), 1.0)
-        await waitFor(
+        await waitUntil(
             lambda: {n for n, c in gateway.readiness.evaluate().items() if not c["ok"]} == {"clock"},
-            lambda: f"everything but the clock to be ready: {gateway.readiness.evaluate()}",
+            30,
+            what=lambda: f"everything but the clock to be ready: {gateway.readiness.evaluate()}",
         )
         code, body = await self.ready(gateway)
         self.assertEqual(code, 503)
@@ -184,8 +177,11 @@ class ClockReadinessTests(ProbeTestCase):
         """
         Readiness follows the last measured skew against C{max_instance_skew}.
         """
-        config = gatewayConfig(self.dsn, self.schema, timestamps={"max_instance_skew": "500ms"})
-        gateway = await startGateway(self, config)
+        # No clock check of its own between setting the skew and asking /readyz.
+        gateway = await startGateway(
+            self, self.dsn, self.schema, "gw-limit",
+            {"timestamps": {"max_instance_skew": "500ms", "clock_check_interval": "30s"}},
+        )
         gateway.instanceSkew = -0.6
         code, body = await self.ready(gateway)
         self.assertEqual((code, body["failing"]), (503, ["clock"]))
@@ -201,9 +197,11 @@ class DatabaseReadinessTests(ProbeTestCase):
         When the database goes away the gateway turns unready, naming the database, while
         staying alive; it turns ready again by itself when the database is back.
         """
-        server = await deferToThread(RestartablePostgres)
+        server = await deferToThread(PrivatePostgres)
         self.addCleanup(deferToThread, server.destroy)
-        gateway = await startGateway(self, gatewayConfig(server.dsn, "ctrlgw"))
+        gateway = await startGateway(
+            self, server.dsn, "ctrlgw", "gw-db-stopped", QUICK_DATABASE_TIMEOUTS
+        )
         await self.waitForReadiness(gateway, 200)
 
         await deferToThread(server.stop)

@@ -19,6 +19,7 @@ from ctrlgw.metrics import Metrics
 from ctrlgw.store.database import Database
 from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion, migrations
 from ctrlgw.store.postgres import DUPLICATE, STORED, ClaimPolicy, Event, InboxRow, Store
+from tests.helpers import deferred
 from tests.pg import PostgresTestCase, databaseConfig
 
 TS = 1_700_000_000_123
@@ -26,19 +27,6 @@ TS = 1_700_000_000_123
 
 def row(controller: str, messageId: str, epoch: int, body: object = None, ts: int = TS) -> InboxRow:
     return InboxRow(controller, messageId, ts, epoch, body if body is not None else {"n": messageId})
-
-
-def deferred(method: Any) -> Any:
-    """
-    Run an async test method as a Deferred-returning trial test.
-    """
-
-    def test(self: Any) -> Any:
-        return Deferred.fromCoroutine(method(self))
-
-    test.__name__ = method.__name__
-    test.__doc__ = method.__doc__
-    return test
 
 
 class MigrationTests(PostgresTestCase):

@@ -259,3 +259,31 @@ class TwistdEndToEndTests(TestCase):
         file, section and key.
         """
         return Deferred.fromCoroutine(self._helpAndErrors())
+
+
+class JsonLogTests(SynchronousTestCase):
+    def test_jsonLinesWithFields(self) -> None:
+        """
+        ctrlgw.logs.jsonToStdout, the factory for twistd --logger, writes each event as
+        one JSON line that keeps the event's keyword fields.
+        """
+        import io
+        from unittest import mock
+
+        from twisted.logger import Logger
+
+        from ctrlgw import logs
+
+        out = io.StringIO()
+        with mock.patch.object(sys, "stdout", out):
+            observer = logs.jsonToStdout()
+        Logger(namespace="ctrlgw.test", observer=observer).info(
+            "{controller} taken over by {instance}", controller="dev-1", instance="gw-2"
+        )
+        lines = out.getvalue().splitlines()
+        self.assertEqual(len(lines), 1)
+        event = json.loads(lines[0])
+        self.assertEqual(
+            (event["controller"], event["instance"], event["log_namespace"]),
+            ("dev-1", "gw-2", "ctrlgw.test"),
+        )

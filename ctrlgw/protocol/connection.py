@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -81,6 +81,10 @@ class ControllerProtocol(Protocol):
     The v1 protocol on one connection.
     """
 
+    # Every stream listener's transport (tcp, ssl/tls, and unix, whose Server is a
+    # tcp.Server) provides ITCPTransport, the interface that declares abortConnection.
+    transport: ITCPTransport | None
+
     def __init__(
         self,
         context: ConnectionContext,
@@ -117,8 +121,10 @@ class ControllerProtocol(Protocol):
         ctx.connections.add(self)
         ctx.metrics.connections.labels(self.listener).inc()
         ctx.metrics.connectionsTotal.labels(self.listener).inc()
-        self._applySocketOptions(self.transport)
-        peer = self.transport.getPeer()
+        transport = self.transport
+        assert transport is not None  # makeConnection sets it before connectionMade
+        self._applySocketOptions(transport)
+        peer = transport.getPeer()
         self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         now = ctx.clock.seconds()
         self._lastHeard = now
@@ -142,7 +148,7 @@ class ControllerProtocol(Protocol):
                 return
             self._frameReceived(payload)
 
-    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+    def connectionLost(self, reason: Failure | None = None) -> None:
         ctx = self.context
         self._cancelTimer()
         if self._abortCall is not None and self._abortCall.active():
@@ -229,7 +235,12 @@ class ControllerProtocol(Protocol):
             )
             return
         d = ctx.sink.submit(session, message.id, message.ts, message.body)
-        d.addCallbacks(self._stored, self._notStored, (session, message.id), None, (message.id,))
+        d.addCallbacks(
+            self._stored,
+            self._notStored,
+            callbackArgs=(session, message.id),
+            errbackArgs=(message.id,),
+        )
 
     def _stored(self, _: None, session: Session, messageId: str) -> None:
         if self.state is State.LIVE and self.session is session:
@@ -362,6 +373,9 @@ class ControllerProtocol(Protocol):
 
     def _send(self, kind: str, **fields: Any) -> int:
         ts = wallMillis(self.context.clock)
+        # Only reached once connected: from frames, timers armed in connectionMade, claims
+        # it started, and close() after its own check.
+        assert self.transport is not None
         self.transport.write(self.framing.frame(v1.encode(kind, ts, **fields)))
         self.context.framesOut[kind].inc()
         return ts

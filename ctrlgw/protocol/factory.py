@@ -33,7 +33,7 @@ class ControllerFactory(ServerFactory):
 
         self.applySocketOptions = applySocketOptions
 
-    def buildProtocol(self, addr: IAddress) -> ControllerProtocol:
+    def buildProtocol(self, addr: IAddress | None) -> ControllerProtocol:
         protocol = ControllerProtocol(
             self.context, self.listener, self.makeFraming(), self.applySocketOptions
         )

@@ -41,7 +41,7 @@ _MAX_RETRIES = 5
 _TIMEOUTS = (TimeoutError,)
 
 
-class _Connection(txpostgres.Connection):  # type: ignore[misc]
+class _Connection(txpostgres.Connection):
     """
     A txpostgres connection that reports a server going away while the connection is idle
     (txpostgres would raise it into the reactor as an unhandled error).

@@ -11,6 +11,7 @@ import os
 import warnings
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
@@ -23,7 +24,7 @@ class EmbeddedUnavailable(Exception):
     """
 
 
-def startEmbedded(reactor: object, dataDir: str) -> Deferred[str]:
+def startEmbedded(reactor: IReactorThreads, dataDir: str) -> Deferred[str]:
     """
     Start (or join) the embedded server in C{dataDir}; fires with its DSN.
     """
@@ -48,4 +49,4 @@ def startEmbedded(reactor: object, dataDir: str) -> Deferred[str]:
         "EMBEDDED PostgreSQL in {path}: for development only; set [database] dsn in production",
         path=path,
     )
-    return deferToThreadPool(reactor, reactor.getThreadPool(), start)  # type: ignore[attr-defined]
+    return deferToThreadPool(reactor, reactor.getThreadPool(), start)
