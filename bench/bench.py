@@ -297,7 +297,7 @@ async def main(reactor_: Any, args: argparse.Namespace) -> None:
         await a.ready()
         b = GatewayProcess("bench-b", dsn, schema, workdir)
         await b.ready()
-        db = Database(reactor, DatabaseConfig(dsn, "", schema, "off", 8, 5, 30, 30, 1), Metrics())
+        db = Database(reactor, DatabaseConfig(dsn, "", schema, "off", 8, 5, 30, 30, 1, 100_000), Metrics())
         await db.start(dsn)
         results["inbound"] = await benchInbound(a, args.controllers, args.messages, args.window)
         print("inbound", results["inbound"], flush=True)

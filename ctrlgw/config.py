@@ -169,11 +169,13 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("statement_timeout", inRange(parseDuration, 0.01, 3600), "10s"),
         Key("idle_in_transaction_timeout", inRange(parseDuration, 0.1, 3600), "30s"),
         Key("reconnect_max_delay", inRange(parseDuration, 0.1, 300), "10s"),
+        Key("max_waiting", inRange(parseInt, 1, 1_000_000), "10000"),
     ),
     "inbox": (
         Key("batch_size", inRange(parseInt, 1, 10_000), "500"),
         Key("flush_interval", inRange(parseDuration, 0, 10), "5ms"),
         Key("max_buffered", inRange(parseInt, 1, 10_000_000), "10000"),
+        Key("max_unacked_per_connection", inRange(parseInt, 2, 1_000_000), "1000"),
     ),
     "auth": (
         Key("mode", oneOf("none", "token"), "none"),
@@ -279,6 +281,7 @@ class DatabaseConfig:
     statement_timeout: float
     idle_in_transaction_timeout: float
     reconnect_max_delay: float
+    max_waiting: int
 
 
 @dataclass(frozen=True)
@@ -286,6 +289,7 @@ class InboxConfig:
     batch_size: int
     flush_interval: float
     max_buffered: int
+    max_unacked_per_connection: int
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,10 @@ class Outbox:
         ):
             self._report(command, NOT_WRITTEN)
             return
+        if connection.writesPaused:
+            # The controller is not reading: back to pending, resent when it drains.
+            self._report(command, NOT_WRITTEN)
+            return
         try:
             written = connection.deliver(command.id, command.body, command.expiresMs)
         except FramingError:

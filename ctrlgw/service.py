@@ -240,6 +240,7 @@ class Gateway:
             sink=self.inbox,
             settler=self.outbox,
             metrics=self.metrics,
+            maxUnacked=config.inbox.max_unacked_per_connection,
         )
         self.notifications = NotificationListener(reactor, self.db, cluster.heartbeat_interval)
         self.cluster = Cluster(

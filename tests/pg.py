@@ -51,6 +51,7 @@ def databaseConfig(schema: str, **overrides: Any) -> DatabaseConfig:
         statement_timeout=5.0,
         idle_in_transaction_timeout=10.0,
         reconnect_max_delay=0.5,
+        max_waiting=10_000,
     )
     values.update(overrides)
     return DatabaseConfig(**values)

@@ -833,3 +833,90 @@ class MetricsTests(ConnectionTestCase):
             self.assertEqual(self.value("ctrlgw_frames_in_total", type=kind), 1, kind)
         for kind in ("welcome", "pong", "ack"):
             self.assertEqual(self.value("ctrlgw_frames_out_total", type=kind), 1, kind)
+
+
+class FlowControlTests(ConnectionTestCase):
+    """
+    Backpressure both ways: a controller whose messages are not yet safe, and a controller
+    that does not read what we write.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.context.maxUnacked = 4
+
+    def sendMsgs(self, fake: FakeController, *ids: str) -> None:
+        for messageId in ids:
+            fake.send({"type": "msg", "id": messageId, "ts": fake.now(), "body": None})
+
+    def test_tooManyUnackedPausesReading(self) -> None:
+        """
+        With maxUnacked messages waiting for their commit, the connection stops reading
+        that controller; it reads again once half of them are safe.
+        """
+        fake, _ = self.live()
+        self.sendMsgs(fake, "m1", "m2", "m3")
+        self.assertEqual(fake.transport.producerState, "producing")
+        self.sendMsgs(fake, "m4")
+        self.assertEqual(fake.transport.producerState, "paused")
+        self.sink.succeed("m1")
+        self.assertEqual(fake.transport.producerState, "paused")
+        self.sink.succeed("m2")
+        self.assertEqual(fake.transport.producerState, "producing")
+        self.assertFrames(fake, {"type": "ack", "ref": "m1"}, {"type": "ack", "ref": "m2"})
+
+    def test_ourOwnPauseIsNotIdleness(self) -> None:
+        """
+        While reading is paused because the controller's messages are not safe yet, the
+        idle timeout does not cut it off: the silence is ours.
+        """
+        fake, _ = self.live()
+        self.sendMsgs(fake, "m1", "m2", "m3", "m4")
+        self.advance(IDLE_TIMEOUT * 3)
+        self.assertIs(fake.protocol.state, State.LIVE)
+        for messageId in ("m1", "m2", "m3", "m4"):
+            self.sink.succeed(messageId)
+        fake.received()
+        self.advance(IDLE_TIMEOUT + PING_INTERVAL)
+        self.assertIs(fake.protocol.state, State.CLOSED)
+        self.assertEqual(fake.protocol.closeReason, v1.BYE_IDLE_TIMEOUT)
+
+    def test_slowReaderHoldsCommands(self) -> None:
+        """
+        When the transport's buffer is full (the controller does not read), reading stops
+        and no command is written; when it drains, the outbox is told to try again.
+        """
+        fake, _ = self.live()
+        far = millis(self.clock) + 60_000
+        fake.protocol.pauseProducing()
+        self.assertEqual(fake.transport.producerState, "paused")
+        self.assertFalse(fake.protocol.deliver("cmd-1", {}, far))
+        self.assertEqual(fake.received(), [])
+        started = len(self.settler.started)
+        fake.protocol.resumeProducing()
+        self.assertEqual(fake.transport.producerState, "producing")
+        self.assertEqual(len(self.settler.started), started + 1)
+        self.assertTrue(fake.protocol.deliver("cmd-1", {}, far))
+
+    def test_bothPausesMustLift(self) -> None:
+        """
+        Reading resumes only when neither reason to pause remains.
+        """
+        fake, _ = self.live()
+        fake.protocol.pauseProducing()
+        self.sendMsgs(fake, "m1", "m2", "m3", "m4")
+        fake.protocol.resumeProducing()
+        self.assertEqual(fake.transport.producerState, "paused")
+        for messageId in ("m1", "m2"):
+            self.sink.succeed(messageId)
+        self.assertEqual(fake.transport.producerState, "producing")
+
+    def test_closeUnregistersProducer(self) -> None:
+        """
+        Closing unregisters the connection as producer (or loseConnection would wait for
+        ever).
+        """
+        fake, _ = self.live()
+        self.assertIs(fake.transport.producer, fake.protocol)
+        fake.protocol.close(v1.BYE_SHUTDOWN)
+        self.assertIsNone(fake.transport.producer)

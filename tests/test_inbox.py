@@ -64,7 +64,10 @@ class InboxTests(PostgresTestCase):
         self.inboxMetrics = Metrics()
 
     def makeInbox(self, **config: Any) -> Inbox:
-        values: dict[str, Any] = dict(batch_size=200, flush_interval=0.005, max_buffered=10_000)
+        values: dict[str, Any] = dict(
+            batch_size=200, flush_interval=0.005, max_buffered=10_000,
+            max_unacked_per_connection=1000,
+        )
         values.update(config)
         return Inbox(reactor, self.store, InboxConfig(**values), self.inboxMetrics)
 
@@ -225,7 +228,7 @@ class InboxTests(PostgresTestCase):
         db = Database(reactor, databaseConfig(self.schema), Metrics())
         self.addCleanup(db.stop)
         store = RecordingStore(db, "gw-1")
-        inbox = Inbox(reactor, store, InboxConfig(100, 0.005, 1000), self.inboxMetrics)
+        inbox = Inbox(reactor, store, InboxConfig(100, 0.005, 1000, 1000), self.inboxMetrics)
         session = await self.session("c1")
         ds = [inbox.submit(session, f"m{i}", nowMs(), None) for i in range(10)]
         await sleep(0.3)

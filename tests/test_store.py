@@ -448,6 +448,20 @@ class DatabaseTests(PostgresTestCase):
         self.assertEqual(results, [[(i,)] for i in range(10)])
 
     @deferred
+    async def test_waitingIsBounded(self) -> None:
+        """
+        Past max_waiting calls queued for a connection, further calls fail at once with
+        Unavailable ("database busy") instead of queueing; the queued ones still succeed.
+        """
+        db = await self.openDatabase(pool_size=1, max_waiting=3)
+        queued = [db.runQuery("t", "SELECT pg_sleep(0.05), %s::int", (i,)) for i in range(4)]
+        with self.assertRaises(Unavailable) as caught:
+            await db.runQuery("t", "SELECT 1")
+        self.assertIn("busy", str(caught.exception))
+        results = await gatherResults(queued)
+        self.assertEqual([rows[0][1] for rows in results], [0, 1, 2, 3])
+
+    @deferred
     async def test_sessionSettings(self) -> None:
         """
         Every connection has the schema first on its search path and the configured

@@ -12,12 +12,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, cast
+from typing import Protocol as TypingProtocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, ITCPTransport
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime, ITCPTransport
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from ctrlgw.clock import wallMillis
 from ctrlgw.config import LivenessConfig, TimestampConfig
@@ -45,6 +47,27 @@ _FRAME_TYPES = ("hello", "msg", "ack", "nack", "ping", "pong", "invalid")
 _OUT_TYPES = ("welcome", "ack", "cmd", "ping", "pong", "error", "bye")
 
 
+class _FlowControl(TypingProtocol):
+    """
+    What the connection needs of its transport beyond ITCPTransport: it consumes our
+    writes (IConsumer) and produces what we read (IPushProducer); every listener
+    transport (TCP, UNIX, TLS) is both.
+    """
+
+    def registerProducer(self, producer: object, streaming: bool) -> None: ...
+    def unregisterProducer(self) -> None: ...
+    def pauseProducing(self) -> None: ...
+    def resumeProducing(self) -> None: ...
+
+
+def _flowControl(transport: object) -> _FlowControl:
+    return cast(_FlowControl, transport)
+
+
+_PAUSED_BY_WRITES = "writes"
+_PAUSED_BY_INBOX = "inbox"
+
+
 class State(Enum):
     AWAITING_HELLO = "awaiting_hello"
     CLAIMING = "claiming"
@@ -68,6 +91,8 @@ class ConnectionContext:
     settler: ICommandSettler
     metrics: Metrics
     accepting: bool = True
+    # Messages one connection may have waiting for their commit before we stop reading it.
+    maxUnacked: int = 1000
     connections: set[ControllerProtocol] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -76,6 +101,7 @@ class ConnectionContext:
         self.framesOut = {t: self.metrics.framesOut.labels(t) for t in _OUT_TYPES}
 
 
+@implementer(IPushProducer)
 class ControllerProtocol(Protocol):
     """
     The v1 protocol on one connection.
@@ -106,6 +132,9 @@ class ControllerProtocol(Protocol):
         self._nextPing = 0.0
         self._lastPingTs: int | None = None
         self._peer = ""
+        self._unacked = 0
+        self._pausedBy: set[str] = set()
+        self.writesPaused = False
 
     @property
     def lastHeard(self) -> float:
@@ -124,6 +153,9 @@ class ControllerProtocol(Protocol):
         transport = self.transport
         assert transport is not None  # makeConnection sets it before connectionMade
         self._applySocketOptions(transport)
+        # As the producer of what we write: a controller that stops reading makes the
+        # transport's buffer fill, and we stop reading (and delivering) until it drains.
+        _flowControl(transport).registerProducer(self, True)
         peer = transport.getPeer()
         self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         now = ctx.clock.seconds()
@@ -235,6 +267,11 @@ class ControllerProtocol(Protocol):
             )
             return
         d = ctx.sink.submit(session, message.id, message.ts, message.body)
+        self._unacked += 1
+        if self._unacked >= ctx.maxUnacked:
+            # Backpressure for this controller alone: stop reading until half its
+            # messages are safe, rather than letting it fill everyone's buffer.
+            self._pauseReading(_PAUSED_BY_INBOX)
         d.addCallbacks(
             self._stored,
             self._notStored,
@@ -242,11 +279,20 @@ class ControllerProtocol(Protocol):
             errbackArgs=(message.id,),
         )
 
+    def _settled(self) -> None:
+        self._unacked -= 1
+        if _PAUSED_BY_INBOX in self._pausedBy and self._unacked <= self.context.maxUnacked // 2:
+            # We chose not to read: that silence is ours, not the controller's.
+            self._lastHeard = self.context.clock.seconds()
+            self._resumeReading(_PAUSED_BY_INBOX)
+
     def _stored(self, _: None, session: Session, messageId: str) -> None:
+        self._settled()
         if self.state is State.LIVE and self.session is session:
             self._send("ack", ref=messageId)
 
     def _notStored(self, failure: Failure, messageId: str) -> None:
+        self._settled()
         if failure.check(Fenced):
             # Another instance took over and this one missed the notification: the
             # database refused to store for a superseded epoch.
@@ -355,6 +401,9 @@ class ControllerProtocol(Protocol):
                 v1.UNAVAILABLE, "admission took too long; retry later", bye=v1.BYE_UNAVAILABLE
             )
         elif self.state is State.LIVE:
+            if _PAUSED_BY_INBOX in self._pausedBy:
+                # Not reading by our own choice (its messages are not safe yet).
+                self._lastHeard = now
             idleAt = self._lastHeard + ctx.liveness.idle_timeout
             if now >= idleAt:
                 log.info(
@@ -398,7 +447,7 @@ class ControllerProtocol(Protocol):
         @return: whether the command was written.
         @raise FramingError: the command does not fit in one frame of this listener.
         """
-        if self.state is not State.LIVE:
+        if self.state is not State.LIVE or self.writesPaused:
             return False
         if expiresMs <= wallMillis(self.context.clock):
             self.context.metrics.expiredAtWrite.inc()
@@ -421,12 +470,42 @@ class ControllerProtocol(Protocol):
         if transport is None:
             return
         self._send("bye", reason=reason)
+        # A registered producer would hold loseConnection open for ever.
+        _flowControl(transport).unregisterProducer()
         grace = self.context.liveness.close_grace
         if grace > 0:
             transport.loseConnection()
             self._abortCall = self.context.clock.callLater(grace, transport.abortConnection)
         else:
             transport.abortConnection()
+
+    # --- flow control (IPushProducer, towards the transport) ---
+
+    def pauseProducing(self) -> None:
+        self.writesPaused = True
+        self._pauseReading(_PAUSED_BY_WRITES)
+
+    def resumeProducing(self) -> None:
+        self.writesPaused = False
+        self._resumeReading(_PAUSED_BY_WRITES)
+        if self.state is State.LIVE and self.session is not None:
+            # Commands held back while the controller was not reading may go now.
+            self.context.settler.sessionStarted(self.session)
+
+    def stopProducing(self) -> None:
+        pass
+
+    def _pauseReading(self, why: str) -> None:
+        if not self._pausedBy and self.transport is not None:
+            _flowControl(self.transport).pauseProducing()
+        self._pausedBy.add(why)
+
+    def _resumeReading(self, why: str) -> None:
+        if why not in self._pausedBy:
+            return
+        self._pausedBy.discard(why)
+        if not self._pausedBy and self.transport is not None and self.state is not State.CLOSED:
+            _flowControl(self.transport).resumeProducing()
 
     def _finish(self, reason: str) -> None:
         wasLive = self.state is State.LIVE

@@ -159,6 +159,9 @@ class Database:
     def _setHealthy(self, count: int) -> None:
         was = self.up
         self._healthy = count
+        self._announce(was)
+
+    def _announce(self, was: bool) -> None:
         self.metrics.dbUp.set(1 if self.up else 0)
         if was != self.up:
             log.info("database {state}", state="up" if self.up else "DOWN")
@@ -223,8 +226,12 @@ class Database:
                 if self._stopped:
                     conn.close()
                     return
-                self._setHealthy(self._healthy + 1)
+                # In the pool before anyone hears the database is up, so that a call made
+                # on that news finds the connection idle.
+                wasUp = self.up
+                self._healthy += 1
                 self._checkin(conn)
+                self._announce(wasUp)
                 return
         finally:
             self._connecting -= 1
@@ -247,6 +254,10 @@ class Database:
             return d
         if not self.up:
             raise Unavailable("database unavailable")
+        if len(self._waiters) >= self.config.max_waiting:
+            # Shed load instead of queueing without bound (a reconnect storm of hellos):
+            # callers answer "unavailable" and controllers retry later.
+            raise Unavailable("database busy")
         d = Deferred()
         self._waiters.append(d)
         return d
