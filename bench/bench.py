@@ -256,10 +256,22 @@ async def benchTakeover(a: GatewayProcess, b: GatewayProcess, rounds: int) -> di
             await sleep(0.0005)
         delays.append((old.closedAt - welcomed) * 1000)
         new.transport.loseConnection()
+    # The gateway's own view: claim committed (database clock) to old socket dropped.
+    agent = Agent(reactor)
+    response = await agent.request(b"GET", b"http://127.0.0.1:%d/metrics" % a.http)
+    text = (await readBody(response)).decode()
+    samples = dict(
+        line.rsplit(" ", 1) for line in text.splitlines()
+        if line.startswith("ctrlgw_takeover_convergence_seconds_")
+        and not line.startswith("ctrlgw_takeover_convergence_seconds_bucket")
+    )
+    count = float(samples.get("ctrlgw_takeover_convergence_seconds_count", 0))
+    total = float(samples.get("ctrlgw_takeover_convergence_seconds_sum", 0))
     return {
         "rounds": rounds,
-        "p50_ms": round(statistics.median(delays), 2),
-        "p99_ms": round(percentile(delays, 99), 2),
+        "welcome_to_old_closed_p50_ms": round(statistics.median(delays), 2),
+        "welcome_to_old_closed_p99_ms": round(percentile(delays, 99), 2),
+        "claim_to_abort_mean_ms": round(total / count * 1000, 2) if count else None,
     }
 
 
@@ -334,8 +346,8 @@ if __name__ == "__main__":
     parser.add_argument("--controllers", type=int, default=50)
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--window", type=int, default=200)
-    parser.add_argument("--commands", type=int, default=500)
-    parser.add_argument("--rate", type=float, default=200.0)
+    parser.add_argument("--commands", type=int, default=2000)
+    parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--batch", type=int, default=10_000)
     parser.add_argument("--enqueue", type=int, default=5000)
     parser.add_argument("--takeovers", type=int, default=100)
