@@ -56,6 +56,16 @@ class FailureLimiter:
     def blocked(self, host: str) -> bool:
         return len(self._recent(host)) >= self.maxFailures
 
+    def forgive(self, host: str) -> None:
+        """
+        Take back the most recent L{record} of C{host} (the attempt it stood for succeeded).
+        """
+        times = self._failures.get(host)
+        if times:
+            times.pop()
+            if not times:
+                del self._failures[host]
+
     def record(self, host: str) -> None:
         times = self._recent(host)
         times.append(self.clock.seconds())

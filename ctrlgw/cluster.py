@@ -101,14 +101,14 @@ class Cluster:
         except (ValueError, KeyError, TypeError):
             log.warn("ignoring a malformed takeover notification {payload!r}", payload=payload)
             return
-        if owner == self.instance:
-            return  # Our own claim: the local registry has already settled it.
+        # Our own claims too: one whose connection went away before it completed leaves
+        # an older local connection that nothing else would close.
         connection = self.registry.supersededBy(controller, epoch)
         if connection is None:
             return
         assert isinstance(connection, ControllerProtocol)
         connection.close(v1.BYE_TAKEOVER)
-        self.metrics.takeovers.labels("remote").inc()
+        self.metrics.takeovers.labels("local" if owner == self.instance else "remote").inc()
         # Claim time is on the database clock; correct for this instance's skew.
         skew = self.clockSkew() or 0.0
         convergence = self.clock.seconds() - skew - claimedMs / 1000

@@ -213,7 +213,9 @@ _LISTENER_PREFIX = "listener:"
 _LISTENER_KEYS: tuple[Key, ...] = (
     Key("endpoint", parseText, ""),
     Key("framing", parseText, "lines"),
-    Key("max_frame", inRange(parseInt, 16, 16 * 1024 * 1024), "65536"),
+    # The gateway's own frames must always fit: an ack or error echoes an id of up to
+    # 128 characters (512 bytes of UTF-8).
+    Key("max_frame", inRange(parseInt, 1024, 16 * 1024 * 1024), "65536"),
 )
 
 

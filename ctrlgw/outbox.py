@@ -230,6 +230,8 @@ class Outbox:
         )
 
     def _scheduleRetry(self, controller: str, delay: float) -> None:
+        if self._stopped:
+            return
         existing = self._retries.get(controller)
         if existing is not None and existing.active():
             if existing.getTime() <= self.clock.seconds() + delay:
@@ -283,3 +285,12 @@ class Outbox:
                 call.cancel()
         self._retries.clear()
         return DeferredList([self._settlements.drain(), self._unsent.drain()])
+
+    def abandon(self) -> None:
+        """
+        Give up what could not be written before shutdown: unsettled acks leave their
+        commands sent (they are retried on the controller's next session), unreported
+        claims likewise.
+        """
+        self._settlements.abandon()
+        self._unsent.abandon()

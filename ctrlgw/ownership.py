@@ -154,7 +154,14 @@ class PostgresOwnership:
         if self.limiter.blocked(host):
             reason = "rate_limited"
         else:
-            credentials = await self.store.controllerCredentials(controller)
+            # Counted as a failure until it has succeeded, so that many hellos in flight
+            # at once cannot all get past the limit.
+            self.limiter.record(host)
+            try:
+                credentials = await self.store.controllerCredentials(controller)
+            except BaseException:
+                self.limiter.forgive(host)
+                raise
             if credentials is None:
                 reason = "unknown_controller"
             elif not tokenMatches(token, credentials[0]):
@@ -162,8 +169,8 @@ class PostgresOwnership:
             elif not credentials[1]:
                 reason = "disabled"
             else:
+                self.limiter.forgive(host)
                 return
-            self.limiter.record(host)
         self.events.record(controller, "auth_failed", reason, None, peer)
         raise AuthFailed(reason)
 

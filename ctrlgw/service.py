@@ -18,7 +18,6 @@ from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from ctrlgw.api import ApiResource
 from ctrlgw.cluster import Cluster
@@ -37,7 +36,7 @@ from ctrlgw.store.embedded import startEmbedded
 from ctrlgw.store.listen import NotificationListener
 from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion
 from ctrlgw.store.postgres import ClaimPolicy, Store
-from ctrlgw.web import Readiness, makeRoot
+from ctrlgw.web import Readiness, makeRoot, makeSite
 
 log = Logger()
 
@@ -253,6 +252,7 @@ class Gateway:
         )
         self.schemaVersion = 0
         self.instanceSkew: float | None = None
+        self._joining: Deferred[None] | None = None
         self.service = self._buildTree()
 
     def _buildTree(self) -> SequentialMultiService:
@@ -264,7 +264,7 @@ class Gateway:
 
         self.api = ApiResource(config.http.api_token, self.store, config.outbox.default_ttl)
         root = makeRoot(self.metrics.registry, self.readiness, self.api)
-        http = ListenerService(reactor, config.http.endpoint, Site(root), "http")
+        http = ListenerService(reactor, config.http.endpoint, makeSite(root), "http")
         http.setName("http")
         http.setServiceParent(top)
 
@@ -327,10 +327,23 @@ class Gateway:
         await self._joinCluster()
 
     async def _joinCluster(self) -> None:
+        # Single flight: the database-up callback and the heartbeat may both ask; two
+        # registrations could mark a session claimed in between as a restart's leftover.
+        joining = self._joining
+        if joining is None:
+            joining = self._joining = Deferred.fromCoroutine(self._join())
+            joining.addBoth(self._joined)
+        await joining
+
+    async def _join(self) -> None:
         if not self.cluster.registered:
             await self.cluster.register()
         if not self.notifications.running:
             self.notifications.start()
+
+    def _joined(self, result: object) -> object:
+        self._joining = None
+        return result
 
     def _migrationsCheck(self) -> tuple[bool, str]:
         want = latestVersion()
@@ -397,6 +410,7 @@ class Gateway:
         retention = self.config.retention
         for table, days in (
             ("events", retention.events_days),
+            ("sessions", retention.events_days),
             ("inbox", retention.inbox_days),
             ("commands", retention.commands_days),
             ("command_events", retention.commands_days),
@@ -441,5 +455,6 @@ class Gateway:
         # What could not be written in time was never confirmed (nothing acked is lost):
         # stop retrying it, or the writers would go on after the service stopped.
         self.inbox.abandon()
+        self.outbox.abandon()
         self.ownership.abandon()
         self.events.abandon()

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.twisted import MetricsResource
 from twisted.web.resource import Resource
-from twisted.web.server import Request
+from twisted.web.server import Request, Site
 
 # A readiness check answers (ok, detail).
 Check = Callable[[], tuple[bool, str]]
@@ -74,6 +74,50 @@ class ReadyResource(Resource):
             503 if failing else 200,
             {"status": "unready" if failing else "ready", "failing": failing, "checks": checks},
         )
+
+
+class BoundedRequest(Request):
+    """
+    A request whose body may not exceed C{maxBody} bytes.  Twisted reads a body before
+    any resource (or token check) sees the request: refuse a large one as it arrives.
+    """
+
+    maxBody = 1024 * 1024 + 4096
+    _received = 0
+    _refused = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > self.maxBody:
+            self._refuse()
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self._refused:
+            return
+        self._received += len(data)
+        if self._received > self.maxBody:
+            self._refuse()
+            return
+        super().handleContentChunk(data)
+
+    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
+        if not self._refused:
+            super().requestReceived(command, path, version)
+
+    def _refuse(self) -> None:
+        self._refused = True
+        transport = self.channel.transport if self.channel is not None else None
+        if transport is not None:
+            transport.write(
+                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n"
+                b"Connection: close\r\n\r\n"
+            )
+            transport.loseConnection()
+
+
+def makeSite(root: Resource) -> Site:
+    return Site(root, requestFactory=BoundedRequest)
 
 
 def makeRoot(

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet import reactor, ssl
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import SSL4ClientEndpoint, TCP4ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.task import Clock
@@ -228,6 +229,25 @@ class TokenOwnershipTests(PostgresTestCase):
         session = await self.ownership.claim("c1", self.token, "main", "198.51.100.8:1")
         self.assertEqual(session.controller, "c1")
         self.assertEqual(self.store.lookups, lookups + 1)
+
+    @deferred
+    async def test_concurrentHellosCannotOutrunTheLimit(self) -> None:
+        """
+        Hellos from one host whose look-ups are all in flight at once count against the
+        limit as they start: only max_failures of them reach the database.
+        """
+        lookups = self.store.lookups
+        attempts = [
+            Deferred.fromCoroutine(self.refused("c1", "guess", f"198.51.100.9:{port}"))
+            for port in range(6)
+        ]
+        reasons = await gatherResults(attempts)
+        self.assertEqual(sorted(reasons), ["bad_token"] * 3 + ["rate_limited"] * 3)
+        self.assertEqual(self.store.lookups, lookups + 3)
+        # A success is not held against the host.
+        session = await self.ownership.claim("c1", self.token, "main", "198.51.100.10:1")
+        self.assertEqual(session.controller, "c1")
+        self.assertFalse(self.ownership.limiter.blocked("198.51.100.10"))
 
     @deferred
     async def test_authFailedEvents(self) -> None:

@@ -221,7 +221,7 @@ class ErrorTests(ConfigErrorAssertions):
 
     def test_maxFrameOutOfRange(self) -> None:
         self.assertConfigError(
-            iniText({"listener:main": {"endpoint": "tcp:1", "max_frame": "15"}}),
+            iniText({"listener:main": {"endpoint": "tcp:1", "max_frame": "1023"}}),
             "listener:main",
             "max_frame",
         )
@@ -309,7 +309,7 @@ class ListenerTests(SynchronousTestCase):
                     "listener:bin": {
                         "endpoint": "tcp:7001",
                         "framing": "int32",
-                        "max_frame": "100",
+                        "max_frame": "2000",
                     },
                     "listener:ns": {"endpoint": "tcp:7002", "framing": "netstring"},
                 }
@@ -329,11 +329,11 @@ class ListenerTests(SynchronousTestCase):
         self.assertEqual(byName["text"].makeFraming().frame(b"{}"), b"{}\n")
         self.assertEqual(byName["bin"].makeFraming().frame(b"{}"), b"\x00\x00\x00\x02{}")
         self.assertEqual(byName["ns"].makeFraming().frame(b"{}"), b"2:{},")
-        self.assertEqual(byName["bin"].max_frame, 100)
-        self.assertNotEqual(byName["text"].max_frame, 100)
+        self.assertEqual(byName["bin"].max_frame, 2000)
+        self.assertNotEqual(byName["text"].max_frame, 2000)
         bin = byName["bin"].makeFraming()
-        bin.frame(b"x" * 100)
-        self.assertRaises(FramingError, bin.frame, b"x" * 101)
+        bin.frame(b"x" * 2000)
+        self.assertRaises(FramingError, bin.frame, b"x" * 2001)
 
     def test_framingPerConnection(self) -> None:
         """

@@ -28,7 +28,7 @@ IDLE_TIMEOUT = 25.0
 CLOSE_GRACE = 2.0
 MAX_AGE = 60.0
 MAX_FUTURE = 5.0
-MAX_FRAME = 256
+MAX_FRAME = 1024
 # A step small enough to stop just short of a deadline, and exact in binary floating point.
 EPS = 2.0**-7
 
@@ -300,6 +300,25 @@ class ClaimTests(ConnectionTestCase):
         self.assertIsNone(self.context.registry.lookup("c1"))
         self.assertEqual(self.ownership.released, [(session, "peer_closed")])
         self.assertEqual(self.value("ctrlgw_disconnects_total", reason="peer_closed"), 1)
+
+    def test_abandonedClaimSupersedesTheOlderConnection(self) -> None:
+        """
+        A second connection of a controller goes away while its claim is in flight; the
+        claim commits all the same, so the first connection, now superseded in the
+        database, is taken over rather than left live.
+        """
+        first = self.connect()
+        first.send({"type": "hello", "controller": "c1"})
+        self.ownership.complete(0)
+        first.received()
+        second = self.connect()
+        second.send({"type": "hello", "controller": "c1"})
+        second.lose()
+        session = self.ownership.complete(1)
+        self.assertClosedWith(first, None, v1.BYE_TAKEOVER)
+        self.assertIsNone(self.context.registry.lookup("c1"))
+        self.assertIn((session, "peer_closed"), self.ownership.released)
+        self.assertEqual(self.value("ctrlgw_takeovers_total", scope="local"), 1)
 
     def test_authFailed(self) -> None:
         fake = self.connect()

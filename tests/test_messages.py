@@ -238,6 +238,14 @@ class DecodeErrorTests(SynchronousTestCase):
         else:
             self.assertCode(v1.BAD_CONTROLLER_ID, data)
 
+    def test_nonFiniteNumbersRefused(self) -> None:
+        """
+        A number too large for a float (1e400 would become infinity, which neither JSON
+        nor PostgreSQL holds) is refused as bad_json.
+        """
+        self.assertCode(v1.BAD_JSON, b'{"type":"msg","ts":1,"id":"m","body":1e400}')
+        self.assertCode(v1.BAD_JSON, b'{"type":"msg","ts":1,"id":"m","body":[-1e999]}')
+
     def test_unstorableStringsRefused(self) -> None:
         """
         A \\u0000 or an unpaired surrogate anywhere in a frame (PostgreSQL cannot store

@@ -374,9 +374,31 @@ class PruneTests(StoreTestCase):
         self.assertEqual(await self.store.prune("inbox", 28, 100), 1)
 
     @deferred
+    async def test_pruneSessions(self) -> None:
+        """
+        Sessions of controllers offline for longer than the retention go; online ones and
+        recently seen ones stay.
+        """
+        for controller in ("gone", "recent", "online"):
+            await self.store.claimSession(controller, "main", "p")
+        await self.db.runOperation(
+            "t",
+            "UPDATE sessions SET online = false, disconnected_at = now() - interval '40 days'"
+            " WHERE controller_id = 'gone'",
+        )
+        await self.db.runOperation(
+            "t",
+            "UPDATE sessions SET online = false, disconnected_at = now() - interval '2 days'"
+            " WHERE controller_id = 'recent'",
+        )
+        self.assertEqual(await self.store.prune("sessions", 30, 100), 1)
+        rows = await self.db.runQuery("t", "SELECT controller_id FROM sessions ORDER BY 1")
+        self.assertEqual([c for (c,) in rows], ["online", "recent"])
+
+    @deferred
     async def test_pruneUnknownTable(self) -> None:
         with self.assertRaises(KeyError):
-            await self.store.prune("sessions", 1, 1)
+            await self.store.prune("controllers", 1, 1)
 
 
 class ControllerTests(StoreTestCase):

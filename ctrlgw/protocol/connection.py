@@ -64,6 +64,7 @@ def _flowControl(transport: object) -> _FlowControl:
     return cast(_FlowControl, transport)
 
 
+_MAX_DETAIL = 200
 _PAUSED_BY_WRITES = "writes"
 _PAUSED_BY_INBOX = "inbox"
 
@@ -296,8 +297,9 @@ class ControllerProtocol(Protocol):
         if failure.check(Fenced):
             # Another instance took over and this one missed the notification: the
             # database refused to store for a superseded epoch.
-            self.context.metrics.takeovers.labels("fenced").inc()
-            self.close(v1.BYE_TAKEOVER)
+            if self.state is not State.CLOSED:
+                self.context.metrics.takeovers.labels("fenced").inc()
+                self.close(v1.BYE_TAKEOVER)
         elif self.state is not State.LIVE:
             return
         elif failure.check(Rejected):
@@ -332,8 +334,13 @@ class ControllerProtocol(Protocol):
     def _claimed(self, session: Session) -> None:
         ctx = self.context
         if self.state is not State.CLAIMING:
-            # Gone (or timed out) while the claim was in flight.
+            # Gone (or timed out) while the claim was in flight.  The claim committed all
+            # the same: an older connection of this controller here is superseded.
             ctx.ownership.release(session, self.closeReason or PEER_CLOSED)
+            older = ctx.registry.supersededBy(session.controller, session.epoch)
+            if isinstance(older, ControllerProtocol):
+                ctx.metrics.takeovers.labels("local").inc()
+                older.close(v1.BYE_TAKEOVER)
             return
         self.session = session
         loser = ctx.registry.bind(self)
@@ -431,7 +438,8 @@ class ControllerProtocol(Protocol):
 
     def _sendError(self, code: str, detail: str, ref: str | None = None) -> None:
         self.context.metrics.frameErrors.labels(code).inc()
-        self._send("error", code=code, ref=ref, detail=detail)
+        # Details quote parser messages of any length; the frame must fit max_frame.
+        self._send("error", code=code, ref=ref, detail=detail[:_MAX_DETAIL])
 
     def _fail(
         self, code: str, detail: str, ref: str | None = None, bye: str = v1.BYE_PROTOCOL_ERROR

@@ -10,6 +10,7 @@ passes the write time).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,6 +100,14 @@ def _rejectConstant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finiteFloat(text: str) -> float:
+    # 1e400 parses as infinity, which neither JSON nor PostgreSQL can hold.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
 def _isInt(value: object) -> TypeGuard[int]:
     # TypeGuard, not TypeIs: a bool is an int to the type system but not here, so a
     # False answer must not narrow to "not int".
@@ -143,7 +152,9 @@ def decode(payload: bytes) -> Inbound:
     @raise ProtocolError: with the code the gateway answers with.
     """
     try:
-        obj = json.loads(payload.decode("utf-8"), parse_constant=_rejectConstant)
+        obj = json.loads(
+            payload.decode("utf-8"), parse_constant=_rejectConstant, parse_float=_finiteFloat
+        )
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise ProtocolError(BAD_JSON, f"not a UTF-8 JSON document: {e}") from None
     if not isinstance(obj, dict):

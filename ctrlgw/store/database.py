@@ -19,6 +19,7 @@ import psycopg2.errors
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from txpostgres import txpostgres
 
 from ctrlgw.clock import Sleeper
@@ -74,10 +75,47 @@ class _Connection(txpostgres.Connection):
             self.onLost(self)
 
 
+def withDeadline(d: Deferred[T], seconds: float, clock: IReactorTime) -> Deferred[T]:
+    """
+    A Deferred that fires like C{d}, or fails with L{TimeoutError} after C{seconds}.
+
+    C{d} itself is never cancelled: cancelling a txpostgres call runs libpq's blocking
+    cancel request on the reactor thread, which against a server that does not answer
+    freezes the whole gateway.  The caller closes the connection instead, and C{d}'s late
+    result is dropped.
+    """
+    result: Deferred[T] = Deferred()
+
+    def expired() -> None:
+        result.errback(TimeoutError(f"no answer within {seconds:g}s"))
+
+    timer = clock.callLater(seconds, expired)
+
+    def done(outcome: object) -> None:
+        if timer.active():
+            timer.cancel()
+        if result.called:
+            return  # Too late: the caller has given up on this call.
+        if isinstance(outcome, Failure):
+            result.errback(outcome)
+        else:
+            result.callback(outcome)  # type: ignore[arg-type]  # outcome is d's T
+
+    d.addBoth(done)
+    return result
+
+
 def _isConnectionError(e: BaseException) -> bool:
     if isinstance(e, psycopg2.errors.QueryCanceled):
         return False
     return isinstance(e, _CONNECTION_ERRORS) and not isinstance(e, _RETRYABLE)
+
+
+def _closeQuietly(conn: txpostgres.Connection) -> None:
+    try:
+        conn.close()
+    except Exception:
+        pass  # Already closed or never opened: nothing left to release.
 
 
 class Database:
@@ -178,16 +216,33 @@ class Database:
         assert self.dsn is not None
         conn = _Connection(reactor=self.reactor)
         conn.onLost = onLost
-        await conn.connect(
-            self.dsn,
-            connect_timeout=max(1, int(self.config.connect_timeout)),
-            application_name=self.applicationName,
-            keepalives=1,
-            keepalives_idle=10,
-            keepalives_interval=5,
-            keepalives_count=3,
-        )
-        await conn.runOperation(
+        try:
+            # libpq's connect_timeout does not apply to an asynchronous connect: bound it
+            # here.
+            await withDeadline(
+                conn.connect(
+                    self.dsn,
+                    connect_timeout=max(1, int(self.config.connect_timeout)),
+                    application_name=self.applicationName,
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                    # Written data unacknowledged this long kills the socket, so a server
+                    # that vanished mid-query is noticed in bounded time.
+                    tcp_user_timeout=int(self.callLimit * 1000),
+                ),
+                self.config.connect_timeout,
+                self.clock,
+            )
+            await withDeadline(self._configure(conn), self.callLimit, self.clock)
+        except BaseException:
+            _closeQuietly(conn)
+            raise
+        return conn
+
+    def _configure(self, conn: txpostgres.Connection) -> Deferred[None]:
+        return conn.runOperation(
             "SELECT set_config('statement_timeout', %s, false),"
             " set_config('idle_in_transaction_session_timeout', %s, false),"
             " set_config('search_path', %s, false)",
@@ -197,7 +252,14 @@ class Database:
                 f"{self.schema}, public",
             ),
         )
-        return conn
+
+    @property
+    def callLimit(self) -> float:
+        """
+        How long this side waits for any call: the server's statement_timeout cannot fire
+        when the server is unreachable.
+        """
+        return self.config.statement_timeout + self.config.connect_timeout
 
     def _keepConnecting(self) -> None:
         self._connecting += 1
@@ -258,7 +320,7 @@ class Database:
             # Shed load instead of queueing without bound (a reconnect storm of hellos):
             # callers answer "unavailable" and controllers retry later.
             raise Unavailable("database busy")
-        d = Deferred()
+        d = Deferred(lambda cancelled: self._waiters.remove(cancelled))
         self._waiters.append(d)
         return d
 
@@ -272,10 +334,7 @@ class Database:
             self._idle.append(conn)
 
     def _broken(self, conn: txpostgres.Connection) -> None:
-        try:
-            conn.close()
-        except Exception:
-            pass
+        _closeQuietly(conn)
         self._setHealthy(max(0, self._healthy - 1))
         if not self.up:
             # Nobody can be served now: fail the waiters instead of leaving them hanging.
@@ -291,12 +350,8 @@ class Database:
         for attempt in range(_MAX_RETRIES):
             conn = await self._checkout()
             started = self.clock.seconds()
-            d = call(conn)
-            # The server's statement_timeout cannot fire if the server is unreachable:
-            # bound the wait on this side too.
-            d.addTimeout(self.config.statement_timeout + self.config.connect_timeout, self.clock)
             try:
-                result = await d
+                result = await withDeadline(call(conn), self.callLimit, self.clock)
             except Exception as e:
                 self.metrics.dbQueryErrors.labels(name).inc()
                 if isinstance(e, _RETRYABLE) and attempt + 1 < _MAX_RETRIES:

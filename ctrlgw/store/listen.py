@@ -12,7 +12,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ctrlgw.clock import CancelledError, Sleeper
-from ctrlgw.store.database import Database
+from ctrlgw.store.database import Database, withDeadline
 
 log = Logger()
 
@@ -81,12 +81,19 @@ class NotificationListener:
     async def _run(self) -> None:
         delay = 0.1
         while self._running:
+            connection = None
             try:
                 connection = await self.db.connect(onLost=self._lost)
                 connection.addNotifyObserver(self._notified)
                 for channel in self._handlers:
-                    await connection.runOperation(f'LISTEN "{channel}"')
+                    await withDeadline(
+                        connection.runOperation(f'LISTEN "{channel}"'),
+                        self.db.callLimit,
+                        self.clock,
+                    )
             except Exception as e:
+                if connection is not None:
+                    connection.close()
                 log.warn("LISTEN failed: {error}; retrying in {delay:.1f}s", error=e, delay=delay)
                 try:
                     await self._sleeper.sleep(delay)
@@ -119,9 +126,7 @@ class NotificationListener:
             if not self._running or self.connection is not connection:
                 return
             try:
-                d = connection.runQuery("SELECT 1")
-                d.addTimeout(self.db.config.statement_timeout, self.clock)
-                await d
+                await withDeadline(connection.runQuery("SELECT 1"), self.db.callLimit, self.clock)
             except Exception as e:
                 log.warn("LISTEN connection lost: {error}", error=e)
                 self._drop()

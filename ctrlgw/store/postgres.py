@@ -76,9 +76,13 @@ WITH batch AS (
     SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
         AS b(controller_id, message_id, device_ts, epoch, body)
 ), current AS (
-    -- Fencing: only messages of a controller's current session are stored.
+    -- Fencing: only messages of a controller's current session are stored.  The key-share
+    -- lock conflicts only with claim_session's FOR UPDATE: a takeover that commits while
+    -- this runs either waits for this commit or is seen here (the epoch no longer
+    -- matches), so nothing of the old session is stored after the claim committed.
     SELECT b.* FROM batch b
     JOIN sessions s ON s.controller_id = b.controller_id AND s.epoch = b.epoch
+    FOR KEY SHARE OF s
 ), inserted AS (
     INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch, body)
     SELECT controller_id, message_id, to_timestamp(device_ts / 1000.0), %s, epoch, body::jsonb
@@ -99,7 +103,7 @@ FROM claim_session(%(controller)s, %(session)s, %(instance)s, %(listener)s, %(pe
                    make_interval(secs => %(instanceTtl)s))
 """
 
-_RECONCILE = """
+_RECONCILE_LOCAL = """
 WITH local AS (
     SELECT * FROM unnest(%s::text[], %s::bigint[], %s::float8[]) AS l(controller_id, epoch, heard)
 ), touched AS (
@@ -107,10 +111,18 @@ WITH local AS (
     FROM local l
     WHERE s.controller_id = l.controller_id AND s.epoch = l.epoch AND s.online
 )
-SELECT s.controller_id, s.epoch, s.instance_id, s.online FROM sessions s
-WHERE s.controller_id IN (SELECT controller_id FROM local)
-   OR (s.instance_id = %s AND s.online)
+SELECT s.controller_id, s.epoch, s.instance_id, s.online
+FROM sessions s JOIN local l ON l.controller_id = s.controller_id
 """
+
+# Uses the partial index sessions_online_by_instance.
+_RECONCILE_OWNED = """
+SELECT controller_id, epoch, instance_id, online FROM sessions
+WHERE instance_id = %s AND online
+"""
+
+# Local sessions per reconcile statement: bounds how long its row locks are held.
+_RECONCILE_CHUNK = 5000
 
 _REGISTER_INSTANCE = """
 WITH cleaned AS (
@@ -199,8 +211,13 @@ WITH local AS (
                                       AND due.epoch = s.epoch)
     FOR KEY SHARE OF s
 ), locked AS (
+    -- The due conditions again on the locked row: under READ COMMITTED, FOR UPDATE
+    -- re-checks only this WHERE on the newest version, so a command settled (or swept)
+    -- since the snapshot must be refused here, not revived.
     SELECT c.id, due.epoch FROM commands c JOIN due ON c.id = due.id
     JOIN fenced f ON f.controller_id = due.controller_id AND f.epoch = due.epoch
+    WHERE c.state IN ('pending', 'sent') AND c.attempts < %(maxAttempts)s
+      AND c.expires_at > now() AND (c.state = 'pending' OR c.next_attempt_at <= now())
     FOR UPDATE OF c SKIP LOCKED
 ), claimed AS (
     UPDATE commands c SET
@@ -208,7 +225,7 @@ WITH local AS (
         next_attempt_at = now() + make_interval(
             secs => %(ackTimeout)s * power(%(backoff)s::float8, c.attempts)),
         last_instance = %(instance)s, detail = ''
-    FROM locked WHERE c.id = locked.id
+    FROM locked WHERE c.id = locked.id AND c.state IN ('pending', 'sent')
     RETURNING c.seq, c.id::text AS id, c.controller_id, c.body,
         (extract(epoch FROM c.expires_at) * 1000)::bigint AS expires_ms, c.attempts,
         c.sent_epoch, extract(epoch FROM c.created_at)::float8 AS created_at
@@ -233,7 +250,10 @@ UPDATE commands c SET
                       THEN 'ttl passed without an ack after ' || (c.attempts - 1) || ' sends'
                   ELSE 'does not fit in one frame' END
 FROM unnest(%s::uuid[], %s::bigint[], %s::text[]) AS u(id, epoch, outcome)
-WHERE c.id = u.id AND c.state = 'sent' AND c.sent_epoch = u.epoch
+WHERE c.id = u.id AND c.sent_epoch = u.epoch
+  -- Not written, but already put back to pending because its session ended: undo the
+  -- attempt all the same, it never reached the controller.
+  AND (c.state = 'sent' OR (c.state = 'pending' AND u.outcome = 'not_written'))
 """
 
 _SETTLE_COMMANDS = """
@@ -248,12 +268,25 @@ RETURNING c.id::text, c.state, extract(epoch FROM c.created_at)::float8
 """
 
 _SWEEP_COMMANDS = """
-WITH due AS (
-    SELECT id FROM commands
-    WHERE (state = 'pending' AND (expires_at <= now() OR attempts >= %(maxAttempts)s))
-       OR (state = 'sent' AND next_attempt_at <= now()
-           AND (attempts >= %(maxAttempts)s OR expires_at <= now()))
-    ORDER BY seq LIMIT %(batch)s
+WITH candidates AS (
+    -- One branch per partial index (migration 0004): the cost follows the due rows.
+    (SELECT id FROM commands
+     WHERE state = 'pending' AND expires_at <= now() LIMIT %(batch)s)
+    UNION ALL
+    (SELECT id FROM commands
+     WHERE state = 'pending' AND attempts > 0 AND attempts >= %(maxAttempts)s LIMIT %(batch)s)
+    UNION ALL
+    (SELECT id FROM commands
+     WHERE state = 'sent' AND next_attempt_at <= now()
+       AND (attempts >= %(maxAttempts)s OR expires_at <= now()) LIMIT %(batch)s)
+), due AS (
+    -- The conditions again on the locked, newest row version.
+    SELECT c.id FROM commands c
+    WHERE c.id IN (SELECT id FROM candidates)
+      AND ((c.state = 'pending' AND (c.expires_at <= now() OR c.attempts >= %(maxAttempts)s))
+        OR (c.state = 'sent' AND c.next_attempt_at <= now()
+            AND (c.attempts >= %(maxAttempts)s OR c.expires_at <= now())))
+    LIMIT %(batch)s
     FOR UPDATE SKIP LOCKED
 )
 UPDATE commands c SET
@@ -338,13 +371,17 @@ class Store:
         Record when each local session was last heard, and return the session rows of
         every local controller and every row this instance owns.
         """
-        rows = await self.db.runQuery(
-            "reconcile",
-            _RECONCILE,
-            ([c for c, _, _ in local], [e for _, e, _ in local], [h for _, _, h in local],
-             self.instance),
-        )
-        return [SessionRow(c, e, i, bool(o)) for c, e, i, o in rows]
+        rows = []
+        for start in range(0, len(local), _RECONCILE_CHUNK):
+            chunk = local[start : start + _RECONCILE_CHUNK]
+            rows += await self.db.runQuery(
+                "reconcile_local",
+                _RECONCILE_LOCAL,
+                ([c for c, _, _ in chunk], [e for _, e, _ in chunk], [h for _, _, h in chunk]),
+            )
+        rows += await self.db.runQuery("reconcile_owned", _RECONCILE_OWNED, (self.instance,))
+        unique = {(c, e, i, bool(o)) for c, e, i, o in rows}
+        return [SessionRow(*row) for row in unique]
 
     async def registerInstance(self, host: str, pid: int) -> int:
         """
@@ -424,18 +461,22 @@ class Store:
         """
         Delete up to C{batch} rows of C{table} older than C{days}; returns how many.
         """
-        column = {
-            "events": "at",
-            "inbox": "received_at",
-            "commands": "finished_at",
-            "command_events": "at",
+        key, condition = {
+            "events": ("id", "at < now() - make_interval(days => %s)"),
+            "inbox": ("id", "received_at < now() - make_interval(days => %s)"),
+            "commands": ("id", "finished_at < now() - make_interval(days => %s)"),
+            "command_events": ("id", "at < now() - make_interval(days => %s)"),
+            # Controllers long gone: without this, every id ever seen keeps a row.
+            "sessions": (
+                "controller_id",
+                "NOT online AND disconnected_at < now() - make_interval(days => %s)",
+            ),
         }[table]
         rows = await self.db.runQuery(
             f"prune_{table}",
-            f"WITH doomed AS (SELECT id FROM {table}"
-            f" WHERE {column} < now() - make_interval(days => %s)"
-            f" ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)"
-            f" DELETE FROM {table} t USING doomed WHERE t.id = doomed.id RETURNING 1",
+            f"WITH doomed AS (SELECT {key} FROM {table} WHERE {condition}"
+            f" LIMIT %s FOR UPDATE SKIP LOCKED)"
+            f" DELETE FROM {table} t USING doomed WHERE t.{key} = doomed.{key} RETURNING 1",
             (days, batch),
         )
         return len(rows)
