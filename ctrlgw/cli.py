@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TextIO
 import psycopg2  # exception classes and DSN parsing only: every query goes through Database
 import psycopg2.extensions
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
 from ctrlgw.api import isoTime, presenceJson
@@ -38,6 +39,7 @@ from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import startEmbedded
 from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion
 from ctrlgw.store.postgres import Store
+from ctrlgw.talk import talk
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -188,6 +190,17 @@ def makeParser() -> argparse.ArgumentParser:
     tail.add_argument("--commands", action="store_true", required=True,
                       help="command outcomes (acked, nacked, expired, failed)")
     tail.set_defaults(handler=_tail, needsSchema=True)
+
+    talkParser = commands.add_parser(
+        "talk", parents=after,
+        help="be a controller by hand: hello, print frames, send what you type",
+    )
+    talkParser.add_argument("address", metavar="HOST:PORT", nargs="?", default="127.0.0.1:7000")
+    talkParser.add_argument("--controller", default="dev-1", help="the id to say hello as")
+    talkParser.add_argument("--token", default=None, help="the controller's token ([auth] token)")
+    talkParser.add_argument("--no-ack", dest="autoAck", action="store_false",
+                            help="do not ack commands (answer them by hand)")
+    talkParser.set_defaults(handler=None, needsSchema=False)
     return parser
 
 
@@ -244,6 +257,8 @@ async def run(
     if isinstance(parsed, int):
         return parsed
     try:
+        if parsed.command == "talk":
+            return await _talk(reactor, parsed, out)
         return await _execute(reactor, parsed, out, err)
     except ConfigError as e:
         err.write(f"ctrlgw: {e}\n")
@@ -251,6 +266,17 @@ async def run(
     except CommandFailed as e:
         err.write(f"ctrlgw: {e.message}\n")
         return e.code
+
+
+async def _talk(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
+    host, _, port = args.address.rpartition(":")
+    if not host or not port.isdigit():
+        raise CommandFailed(f"expected HOST:PORT, got {args.address!r}", EXIT_USAGE)
+    try:
+        await talk(reactor, host, int(port), args.controller, args.token, args.autoAck, out)
+    except ConnectError as e:
+        raise CommandFailed(f"cannot connect to {args.address}: {_firstLine(e)}") from None
+    return EXIT_OK
 
 
 async def _execute(reactor: Any, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

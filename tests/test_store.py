@@ -215,6 +215,20 @@ class ClaimTests(StoreTestCase):
 
 class InboxTests(StoreTestCase):
     @deferred
+    async def test_arrivalOrder(self) -> None:
+        """
+        Rows of one batch get ids in the order the messages arrived.
+        """
+        epochs = {}
+        for n in range(40):
+            epochs[f"c{n}"] = (await self.store.claimSession(f"c{n}", "main", "p")).epoch
+        await self.db.runOperation("t", "ANALYZE sessions")
+        batch = [row(f"c{n % 40}", f"m{n:04d}", epochs[f"c{n % 40}"]) for n in reversed(range(800))]
+        await self.store.writeInbox(batch)
+        rows = await self.db.runQuery("t", "SELECT message_id FROM inbox ORDER BY id")
+        self.assertEqual([m for (m,) in rows], [r.messageId for r in batch])
+
+    @deferred
     async def test_stored(self) -> None:
         """
         Rows are stored with their device timestamp, epoch, this instance and the body as

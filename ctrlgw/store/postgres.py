@@ -74,7 +74,7 @@ DUPLICATE = "duplicate"
 _WRITE_INBOX = """
 WITH batch AS (
     SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
-        AS b(controller_id, message_id, device_ts, epoch, body)
+        WITH ORDINALITY AS b(controller_id, message_id, device_ts, epoch, body, arrival)
 ), current AS (
     -- Fencing: only messages of a controller's current session are stored.  The key-share
     -- lock conflicts only with claim_session's FOR UPDATE: a takeover that commits while
@@ -87,6 +87,8 @@ WITH batch AS (
     INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch, body)
     SELECT controller_id, message_id, to_timestamp(device_ts / 1000.0), %s, epoch, body::jsonb
     FROM current
+    -- inbox.id follows arrival order, within a batch as across batches.
+    ORDER BY arrival
     ON CONFLICT (controller_id, message_id) DO NOTHING
     RETURNING controller_id, message_id
 )
