@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, cast
 
-import psycopg2
+from psycopg2 import DataError
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
@@ -116,7 +116,7 @@ class ApiResource(Resource):
             status, body = e.status, {"error": e.message}
         except Unavailable as e:
             status, body = 503, {"error": str(e)}
-        except psycopg2.DataError as e:
+        except DataError as e:
             status, body = 400, {"error": str(e).strip().splitlines()[0]}
         except Exception:
             log.failure("API request {path} failed", path=request.path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import psycopg2
+from psycopg2 import DataError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -58,7 +58,7 @@ class Inbox:
         started = clock.seconds()
         try:
             results = await self.store.writeInbox(rows)
-        except (psycopg2.DataError, UnicodeError) as e:
+        except (DataError, UnicodeError) as e:
             # A row the database refuses (the decoder lets none through that it knows of)
             # must not hold up the rest of its batch forever: halve until it is alone.
             if len(rows) == 1:

@@ -14,8 +14,10 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import psycopg2
-import psycopg2.errors
+# Exception classes only: every call goes through txpostgres, never blocking.
+from psycopg2 import Error as DatabaseError
+from psycopg2 import InterfaceError, OperationalError
+from psycopg2 import errors as sqlstate
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -32,9 +34,9 @@ log = Logger()
 T = TypeVar("T")
 
 # Errors that mean the connection, not the statement, is broken.
-_CONNECTION_ERRORS = (psycopg2.OperationalError, psycopg2.InterfaceError)
+_CONNECTION_ERRORS = (OperationalError, InterfaceError)
 # Errors after which the same transaction may simply be run again (as Synapse does).
-_RETRYABLE = (psycopg2.errors.SerializationFailure, psycopg2.errors.DeadlockDetected)
+_RETRYABLE = (sqlstate.SerializationFailure, sqlstate.DeadlockDetected)
 _MAX_RETRIES = 5
 # Our own bound on a call (addTimeout) fired: the server did not answer.  A CancelledError
 # alone is the server cancelling the statement (txpostgres turns QueryCanceled, e.g. from
@@ -53,7 +55,7 @@ class _Connection(txpostgres.Connection):
     def doRead(self) -> None:
         try:
             super().doRead()
-        except psycopg2.Error as e:
+        except DatabaseError as e:
             self._lostWhileIdle(e)
         except ValueError as e:
             # libpq read the server's goodbye and closed its socket (fileno -1) before
@@ -65,7 +67,7 @@ class _Connection(txpostgres.Connection):
     def _socketOpen(self) -> bool:
         try:
             return bool(self._connection.fileno() >= 0)
-        except psycopg2.Error:
+        except DatabaseError:
             return False
 
     def _lostWhileIdle(self, e: Exception) -> None:
@@ -106,7 +108,7 @@ def withDeadline(d: Deferred[T], seconds: float, clock: IReactorTime) -> Deferre
 
 
 def _isConnectionError(e: BaseException) -> bool:
-    if isinstance(e, psycopg2.errors.QueryCanceled):
+    if isinstance(e, sqlstate.QueryCanceled):
         return False
     return isinstance(e, _CONNECTION_ERRORS) and not isinstance(e, _RETRYABLE)
 
