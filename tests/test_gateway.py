@@ -5,6 +5,7 @@ A whole gateway on real sockets: several listeners at once, graceful shutdown.
 from __future__ import annotations
 
 import json
+import socket
 import struct
 
 from twisted.internet import reactor
@@ -12,7 +13,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 
+from ctrlgw.protocol.sockopts import findSocket
 from tests.gateways import (
+    LineController,
     connectController,
     listenerPort,
     metric,
@@ -20,6 +23,7 @@ from tests.gateways import (
     startGateway,
     waitUntil,
 )
+from tests.helpers import deferred
 from tests.pg import PostgresTestCase
 
 
@@ -122,3 +126,34 @@ class GatewayTests(PostgresTestCase):
         cluster.
         """
         return Deferred.fromCoroutine(self._shutdown())
+
+
+class ProxyProtocolTests(PostgresTestCase):
+    timeout = 60
+
+    @deferred
+    async def test_haproxyEndpoint(self) -> None:
+        """
+        A listener behind HAProxy with the PROXY protocol (endpoint haproxy:tcp:...) sees
+        the controller's own address: in its session, its history and the auth limiter.
+        """
+        gateway = await startGateway(
+            self, self.dsn, self.schema, "gw-proxied",
+            {"listener:main": {"endpoint": "haproxy:tcp:0:interface=127.0.0.1"}},
+        )
+        port = listenerPort(gateway)
+        controller = LineController()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), controller)
+        self.addCleanup(controller.close)
+        controller.transport.write(b"PROXY TCP4 203.0.113.7 127.0.0.1 40123 7000\r\n")
+        await controller.hello("behind-proxy")
+        rows = await self.db.runQuery(
+            "t", "SELECT peer FROM sessions WHERE controller_id = 'behind-proxy'"
+        )
+        self.assertEqual(rows, [("203.0.113.7:40123",)])
+        # The kernel's liveness options reach the socket through the PROXY wrapper too.
+        (connection,) = gateway.context.connections
+        sock = findSocket(connection.transport)
+        assert sock is not None
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE), 1)
+        self.assertGreater(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT), 0)

@@ -132,10 +132,21 @@ class ControllerProtocol(Protocol):
         self._lastHeard = 0.0
         self._nextPing = 0.0
         self._lastPingTs: int | None = None
-        self._peer = ""
         self._unacked = 0
         self._pausedBy: set[str] = set()
         self.writesPaused = False
+
+    @property
+    def peer(self) -> str:
+        """
+        The controller's address as host:port.  Read when needed, not at connect: behind
+        a PROXY-protocol listener (haproxy:...) the real address is known only once the
+        header has arrived.
+        """
+        if self.transport is None:
+            return ""
+        address = self.transport.getPeer()
+        return f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
 
     @property
     def lastHeard(self) -> float:
@@ -157,8 +168,6 @@ class ControllerProtocol(Protocol):
         # As the producer of what we write: a controller that stops reading makes the
         # transport's buffer fill, and we stop reading (and delivering) until it drains.
         _flowControl(transport).registerProducer(self, True)
-        peer = transport.getPeer()
-        self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         now = ctx.clock.seconds()
         self._lastHeard = now
         self._helloDeadline = now + ctx.liveness.hello_timeout
@@ -328,7 +337,7 @@ class ControllerProtocol(Protocol):
             self._fail(v1.UNAVAILABLE, "the gateway is shutting down", bye=v1.BYE_UNAVAILABLE)
             return
         self.state = State.CLAIMING
-        d = ctx.ownership.claim(hello.controller, hello.token, self.listener, self._peer)
+        d = ctx.ownership.claim(hello.controller, hello.token, self.listener, self.peer)
         d.addCallbacks(self._claimed, self._claimFailed)
 
     def _claimed(self, session: Session) -> None:
