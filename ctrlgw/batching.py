@@ -13,10 +13,10 @@ is away.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Generic, TypeVar
 
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, ensureDeferred, fail
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,7 +30,7 @@ R = TypeVar("R")
 
 # What a flush returns for each item, in order: a result, or an exception for that item
 # alone (its Deferred fails with it, the others succeed).
-Flush = Callable[[Sequence[T]], Deferred[Sequence[object]]]
+Flush = Callable[[Sequence[T]], Coroutine[Any, Any, Sequence[object]] | Deferred[Sequence[object]]]
 
 
 class BatchWriter(Generic[T]):
@@ -106,7 +106,7 @@ class BatchWriter(Generic[T]):
         self._inFlight = count
         self._flushing = True
         try:
-            d = self._flush([item for item, _ in batch])
+            d = ensureDeferred(self._flush([item for item, _ in batch]))
         except Exception:
             d = fail()
         d.addCallbacks(self._flushed, self._flushFailed, callbackArgs=(batch,), errbackArgs=(batch,))

@@ -346,7 +346,8 @@ async def _open(reactor: Any, db: Database, dsn: str) -> None:
     cannot = f"cannot connect to the database{_where(dsn)}"
     db.dsn = dsn
     try:
-        conn = await Deferred.fromCoroutine(db.connect()).addTimeout(timeout, reactor)
+        # Database.connect bounds its own wait (connect_timeout, then the call limit).
+        conn = await db.connect()
     except (TimeoutError, CancelledError):
         raise CommandFailed(f"{cannot}: no answer within {timeout:g}s") from None
     except Exception as e:

@@ -131,13 +131,12 @@ class Cluster:
 
         @return: (local connections aborted, session rows released).
         """
-        local = [
-            connection
-            for connection in self.registry
-            if isinstance(connection, ControllerProtocol) and connection.session is not None
-        ]
         rows = await self.store.reconcile(
-            [(c.session.controller, c.session.epoch, c.lastHeard) for c in local if c.session]
+            [
+                (c.session.controller, c.session.epoch, c.lastHeard)
+                for c in self.registry
+                if isinstance(c, ControllerProtocol) and c.session is not None
+            ]
         )
         byController = {row.controller: row for row in rows}
         aborted = 0

@@ -35,7 +35,7 @@ class Inbox:
         self.metrics = metrics
         self.writer: BatchWriter[InboxRow] = BatchWriter(
             clock,
-            self._flush,
+            self._write,
             batchSize=config.batch_size,
             interval=config.flush_interval,
             maxBuffered=config.max_buffered,
@@ -49,9 +49,6 @@ class Inbox:
         row = InboxRow(session.controller, messageId, deviceTs, session.epoch, body)
         # _write answers None for every row, but BatchWriter types its results as object.
         return self.writer.add(row)  # type: ignore[return-value]
-
-    def _flush(self, rows: Sequence[InboxRow]) -> Deferred[Sequence[object]]:
-        return Deferred.fromCoroutine(self._write(rows))
 
     async def _write(self, rows: Sequence[InboxRow]) -> Sequence[object]:
         clock = self.writer.clock

@@ -25,7 +25,7 @@ from ctrlgw.framing import FramingError
 from ctrlgw.interfaces import ICommandSettler, Session
 from ctrlgw.metrics import Metrics
 from ctrlgw.protocol.connection import ControllerProtocol, State
-from ctrlgw.registry import ConnectionRegistry
+from ctrlgw.registry import ConnectionRegistry, Registrable
 from ctrlgw.store.postgres import EXPIRED_AT_WRITE, NOT_WRITTEN, TOO_LARGE, ClaimedCommand, Store
 
 log = Logger()
@@ -73,11 +73,11 @@ class Outbox:
         self._retries: dict[str, IDelayedCall] = {}
         self._stopped = False
         self._settlements: BatchWriter[tuple[str, str, int, bool, str]] = BatchWriter(
-            clock, self._settle, batchSize=500, interval=0.002, maxBuffered=100_000,
+            clock, self._settleBatch, batchSize=500, interval=0.002, maxBuffered=100_000,
             name="command settlements",
         )
         self._unsent: BatchWriter[tuple[str, int, str]] = BatchWriter(
-            clock, lambda rows: Deferred.fromCoroutine(store.unsendCommands(rows)),
+            clock, store.unsendCommands,
             batchSize=500, interval=0.002, maxBuffered=100_000, name="unsent commands",
         )
 
@@ -95,7 +95,11 @@ class Outbox:
             for controller in controllers:
                 if self.registry.lookup(controller) is not None:
                     self._woken.setdefault(controller, source)
-        if (self._woken or self._wakeAll) and self._round is None and not self._claiming:
+        self._scheduleRound()
+
+    def _scheduleRound(self) -> None:
+        # One claim round at a time; what wakes during a round waits for the next.
+        if (self._woken or self._wakeAll) and not (self._stopped or self._claiming or self._round):
             self._round = self.clock.callLater(0, self._startRound)
 
     def doorbell(self, payload: str) -> None:
@@ -131,38 +135,36 @@ class Outbox:
 
     def _roundDone(self, _: object) -> None:
         self._claiming = False
-        if (self._woken or self._wakeAll) and not self._stopped and self._round is None:
-            self._round = self.clock.callLater(0, self._startRound)
+        self._scheduleRound()
 
-    def _liveConnections(self, controllers: Iterable[str]) -> list[ControllerProtocol]:
-        live = []
-        for controller in controllers:
-            connection = self.registry.lookup(controller)
-            if isinstance(connection, ControllerProtocol) and connection.state is State.LIVE:
-                live.append(connection)
-        return live
-
-    async def _claimRound(self) -> None:
+    def _takeTargets(self) -> list[tuple[Session, str]]:
+        """
+        The live sessions to claim for, each with what woke it; clears the wake-ups.
+        """
         if self._wakeAll is not None:
             source, self._wakeAll = self._wakeAll, None
             self._woken.clear()
-            targets = [(c, source) for c in list(self._controllersHeld())]
+            woken: Iterable[tuple[Registrable | None, str]] = (
+                (connection, source) for connection in self.registry
+            )
         else:
-            targets = list(self._woken.items())
-            self._woken.clear()
-        connections = {
-            c.session.controller: c
-            for c in self._liveConnections(controller for controller, _ in targets)
-            if c.session is not None
-        }
-        sources = dict(targets)
-        batch = self.config.claim_batch
-        items = list(connections.values())
-        for start in range(0, len(items), batch):
-            chunk = items[start : start + batch]
+            pending, self._woken = self._woken, {}
+            woken = ((self.registry.lookup(c), source) for c, source in pending.items())
+        return [
+            (connection.session, source)
+            for connection, source in woken
+            if isinstance(connection, ControllerProtocol)
+            and connection.state is State.LIVE
+            and connection.session is not None
+        ]
+
+    async def _claimRound(self) -> None:
+        targets = self._takeTargets()
+        for start in range(0, len(targets), self.config.claim_batch):
+            chunk = targets[start : start + self.config.claim_batch]
             started = self.clock.seconds()
             claimed = await self.store.claimCommands(
-                [(c.session.controller, c.session.epoch) for c in chunk if c.session],
+                [(session.controller, session.epoch) for session, _ in chunk],
                 self.config.max_inflight,
                 self.config.max_attempts,
                 self.config.ack_timeout,
@@ -170,19 +172,11 @@ class Outbox:
             )
             self.metrics.claimSeconds.observe(self.clock.seconds() - started)
             found = {command.controller for command in claimed}
-            for connection in chunk:
-                assert connection.session is not None
-                controller = connection.session.controller
-                self.metrics.claims.labels(
-                    sources.get(controller, "poll"), "found" if controller in found else "empty"
-                ).inc()
+            for session, source in chunk:
+                result = "found" if session.controller in found else "empty"
+                self.metrics.claims.labels(source, result).inc()
             for command in claimed:
                 self._write(command)
-
-    def _controllersHeld(self) -> Iterable[str]:
-        for connection in self.registry:
-            if connection.session is not None:
-                yield connection.session.controller
 
     def _write(self, command: ClaimedCommand) -> None:
         connection = self.registry.lookup(command.controller)
@@ -190,11 +184,9 @@ class Outbox:
             not isinstance(connection, ControllerProtocol)
             or connection.session is None
             or connection.session.epoch != command.epoch
+            # Not reading what we write: back to pending, resent when it drains.
+            or connection.writesPaused
         ):
-            self._report(command, NOT_WRITTEN)
-            return
-        if connection.writesPaused:
-            # The controller is not reading: back to pending, resent when it drains.
             self._report(command, NOT_WRITTEN)
             return
         try:
@@ -260,9 +252,6 @@ class Outbox:
         d.addCallback(lambda _: self.wake([session.controller], "settle"))
         d.addErrback(lambda f: log.warn("could not settle command {ref}: {error}", ref=ref,
                                         error=f.getErrorMessage()))
-
-    def _settle(self, rows: Sequence[tuple[str, str, int, bool, str]]) -> Deferred[Sequence[object]]:
-        return Deferred.fromCoroutine(self._settleBatch(rows))
 
     async def _settleBatch(self, rows: Sequence[tuple[str, str, int, bool, str]]) -> Sequence[object]:
         settled = await self.store.settleCommands(rows)

@@ -59,7 +59,7 @@ class EventLog:
     def __init__(self, clock: IReactorTime, store: Store, metrics: Metrics, maxBuffered: int = 10_000) -> None:
         self.metrics = metrics
         self._writer: BatchWriter[Event] = BatchWriter(
-            clock, lambda events: Deferred.fromCoroutine(store.writeEvents(events)),
+            clock, store.writeEvents,
             batchSize=500, interval=0.05, maxBuffered=maxBuffered, name="events",
         )
 
@@ -103,7 +103,7 @@ class PostgresOwnership:
         self.admitting = admitting
         self._inFlight: dict[str, int] = {}
         self._releases: BatchWriter[tuple[str, int, str]] = BatchWriter(
-            clock, lambda rows: Deferred.fromCoroutine(store.releaseSessions(rows)),
+            clock, store.releaseSessions,
             batchSize=500, interval=0.01, maxBuffered=100_000, name="session releases",
         )
 

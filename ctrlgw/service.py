@@ -357,19 +357,17 @@ class Gateway:
     def _clusterCheck(self) -> tuple[bool, str]:
         if not self.cluster.registered:
             return False, "instance not registered yet"
-        if not self.cluster.listener.listening:
+        if not self.notifications.listening:
             return False, "not listening for takeovers"
         return True, f"instance {self.instance}"
 
     async def _heartbeat(self) -> None:
-        if self.schemaVersion != latestVersion():
-            # Not migrated when the database came up (migrate = off): look again, and join
-            # the cluster once `ctrlgw migrate` has run.
-            await self._refreshSchema()
-        elif not self.cluster.registered or not self.notifications.running:
-            await self._joinCluster()
-        else:
+        if self.schemaVersion == latestVersion() and self.cluster.registered:
             await self.cluster.heartbeat()
+        else:
+            # Not joined yet (e.g. not migrated when the database came up, migrate = off):
+            # look again, and join the cluster once `ctrlgw migrate` has run.
+            await self._refreshSchema()
 
     async def _reconcile(self) -> None:
         if self.cluster.registered:
@@ -380,7 +378,7 @@ class Gateway:
             await self.outbox.poll()
 
     async def _leaveCluster(self) -> None:
-        self.cluster.listener.stop()
+        self.notifications.stop()
         try:
             await self.cluster.unregister()
         except Exception as e:

@@ -128,13 +128,11 @@ class ControllerProtocol(Protocol):
         self._applySocketOptions = applySocketOptions
         self._timer: IDelayedCall | None = None
         self._abortCall: IDelayedCall | None = None
-        self._helloDeadline = 0.0
         self._lastHeard = 0.0
         self._nextPing = 0.0
         self._lastPingTs: int | None = None
         self._unacked = 0
         self._pausedBy: set[str] = set()
-        self.writesPaused = False
 
     @property
     def peer(self) -> str:
@@ -147,6 +145,13 @@ class ControllerProtocol(Protocol):
             return ""
         address = self.transport.getPeer()
         return f"{getattr(address, 'host', address)}:{getattr(address, 'port', '')}"
+
+    @property
+    def writesPaused(self) -> bool:
+        """
+        Whether the transport's buffer is full (the controller is not reading).
+        """
+        return _PAUSED_BY_WRITES in self._pausedBy
 
     @property
     def lastHeard(self) -> float:
@@ -170,8 +175,7 @@ class ControllerProtocol(Protocol):
         _flowControl(transport).registerProducer(self, True)
         now = ctx.clock.seconds()
         self._lastHeard = now
-        self._helloDeadline = now + ctx.liveness.hello_timeout
-        self._arm(self._helloDeadline)
+        self._arm(now + ctx.liveness.hello_timeout)
 
     def dataReceived(self, data: bytes) -> None:
         if self.state is State.CLOSED:
@@ -373,9 +377,8 @@ class ControllerProtocol(Protocol):
             epoch=session.epoch,
             ping_interval=ctx.liveness.ping_interval,
         )
-        now = ctx.clock.seconds()
-        self._nextPing = now + ctx.liveness.ping_interval
-        self._arm(min(self._nextPing, self._lastHeard + ctx.liveness.idle_timeout))
+        self._nextPing = ctx.clock.seconds() + ctx.liveness.ping_interval
+        self._armLive()
         ctx.settler.sessionStarted(session)
 
     def _claimFailed(self, failure: Failure) -> None:
@@ -420,8 +423,7 @@ class ControllerProtocol(Protocol):
             if _PAUSED_BY_INBOX in self._pausedBy:
                 # Not reading by our own choice (its messages are not safe yet).
                 self._lastHeard = now
-            idleAt = self._lastHeard + ctx.liveness.idle_timeout
-            if now >= idleAt:
+            if now >= self._lastHeard + ctx.liveness.idle_timeout:
                 log.info(
                     "{controller} silent for {seconds:.1f}s: closing",
                     controller=self.session.controller if self.session else None,
@@ -432,7 +434,12 @@ class ControllerProtocol(Protocol):
             if now >= self._nextPing:
                 self._lastPingTs = self._send("ping")
                 self._nextPing = now + ctx.liveness.ping_interval
-            self._arm(min(self._nextPing, idleAt))
+            self._armLive()
+
+    def _armLive(self) -> None:
+        # The next thing due on a live connection: a ping, or the idle deadline.
+        idleAt = self._lastHeard + self.context.liveness.idle_timeout
+        self._arm(min(self._nextPing, idleAt))
 
     # --- writing ---
 
@@ -499,11 +506,9 @@ class ControllerProtocol(Protocol):
     # --- flow control (IPushProducer, towards the transport) ---
 
     def pauseProducing(self) -> None:
-        self.writesPaused = True
         self._pauseReading(_PAUSED_BY_WRITES)
 
     def resumeProducing(self) -> None:
-        self.writesPaused = False
         self._resumeReading(_PAUSED_BY_WRITES)
         if self.state is State.LIVE and self.session is not None:
             # Commands held back while the controller was not reading may go now.
