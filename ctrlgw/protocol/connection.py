@@ -99,6 +99,11 @@ class ConnectionContext:
     def __post_init__(self) -> None:
         # Label lookups are cached: they are on the per-frame path.
         self.framesIn = {t: self.metrics.framesIn.labels(t) for t in _FRAME_TYPES}
+        # By message class, so the per-frame path does no string work.
+        self.framesInByClass = {
+            kind: self.metrics.framesIn.labels(kind.__name__.lower())
+            for kind in (v1.Hello, v1.Msg, v1.Ack, v1.Nack, v1.Ping, v1.Pong)
+        }
         self.framesOut = {t: self.metrics.framesOut.labels(t) for t in _OUT_TYPES}
 
 
@@ -228,8 +233,7 @@ class ControllerProtocol(Protocol):
             else:
                 self._sendError(e.code, e.detail, e.ref)
             return
-        kind = type(message).__name__.lower()
-        ctx.framesIn[kind].inc()
+        ctx.framesInByClass[type(message)].inc()
 
         if isinstance(message, v1.Ping):
             self._send("pong", echo=message.ts)
