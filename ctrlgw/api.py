@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hmac
 import json
-import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, BinaryIO, cast
@@ -22,7 +21,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 
 from ctrlgw.config import parseDuration
 from ctrlgw.interfaces import Unavailable
-from ctrlgw.protocol.messages import CONTROLLER_ID
+from ctrlgw.protocol.messages import COMMAND_ID, CONTROLLER_ID
 from ctrlgw.store.postgres import Store
 
 log = Logger()
@@ -156,7 +155,7 @@ class ApiResource(Resource):
     ) -> tuple[int, object] | None:
         if collection != "controllers":
             return None
-        if not CONTROLLER_ID.match(controller):
+        if not CONTROLLER_ID.fullmatch(controller):
             raise ApiError(400, "not a controller id")
         rows = await self.store.presence(controller)
         if not rows:
@@ -170,10 +169,8 @@ class ApiResource(Resource):
     ) -> tuple[int, object] | None:
         if collection != "commands":
             return None
-        try:
-            uuid.UUID(command)
-        except ValueError:
-            raise ApiError(400, "not a command id") from None
+        if not COMMAND_ID.fullmatch(command):
+            raise ApiError(400, "not a command id")
         status = await self.store.commandStatus(command)
         if status is None:
             raise ApiError(404, "no such command")
@@ -184,7 +181,7 @@ class ApiResource(Resource):
     ) -> tuple[int, object] | None:
         if (collection, leaf) != ("controllers", "commands"):
             return None
-        if not CONTROLLER_ID.match(controller):
+        if not CONTROLLER_ID.fullmatch(controller):
             raise ApiError(400, "not a controller id")
         # Twisted annotates Request.content by its class default, None; gotLength sets the
         # body file (its documented type is BinaryIO) before the request is rendered.

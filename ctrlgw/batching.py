@@ -5,7 +5,10 @@ Callers L{BatchWriter.add} one item and get a Deferred; the writer gathers items
 them to a flush function one batch at a time -- when a batch is full, or C{interval} after
 the first item arrived -- so the database sees one statement per batch, never one
 round-trip per item.  A failed flush keeps its items, in order, and is retried with backoff;
-nothing is dropped and nothing is confirmed before its batch succeeded.  Past C{maxBuffered}
+nothing is dropped and nothing is confirmed before its batch succeeded.  A batch that fails
+because the database rejects one of its rows (C{isolate} says which errors mean that) is
+halved until that row is alone: it fails by itself with L{Rejected}, and every other row is
+written, so one poison row never holds up the rest.  Past C{maxBuffered}
 items, L{add} refuses at once with L{Unavailable}: memory stays bounded while the database
 is away.
 """
@@ -21,7 +24,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ctrlgw.interfaces import Unavailable
+from ctrlgw.interfaces import Rejected, Unavailable
 
 log = Logger()
 
@@ -31,6 +34,11 @@ R = TypeVar("R")
 # What a flush returns for each item, in order: a result, or an exception for that item
 # alone (its Deferred fails with it, the others succeed).
 Flush = Callable[[Sequence[T]], Coroutine[Any, Any, Sequence[object]] | Deferred[Sequence[object]]]
+
+
+def _firstLine(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else repr(error)
 
 
 class BatchWriter(Generic[T]):
@@ -45,6 +53,8 @@ class BatchWriter(Generic[T]):
         retryMax: float = 2.0,
         onBufferedChanged: Callable[[int], object] = lambda n: None,
         name: str = "batch",
+        isolate: Callable[[BaseException], bool] = lambda error: False,
+        onRejected: Callable[[], object] = lambda: None,
     ) -> None:
         self.clock = clock
         self._flush = flush
@@ -54,6 +64,8 @@ class BatchWriter(Generic[T]):
         self.retryMin = retryMin
         self.retryMax = retryMax
         self.name = name
+        self._isolate = isolate
+        self._onRejected = onRejected
         self._onBufferedChanged = onBufferedChanged
         self._queue: deque[tuple[T, Deferred[object]]] = deque()
         self._inFlight = 0
@@ -105,11 +117,27 @@ class BatchWriter(Generic[T]):
         batch = [self._queue.popleft() for _ in range(count)]
         self._inFlight = count
         self._flushing = True
-        try:
-            d = ensureDeferred(self._flush([item for item, _ in batch]))
-        except Exception:
-            d = fail()
+        d = Deferred.fromCoroutine(self._flushIsolating([item for item, _ in batch]))
         d.addCallbacks(self._flushed, self._flushFailed, callbackArgs=(batch,), errbackArgs=(batch,))
+
+    async def _flushIsolating(self, items: Sequence[T]) -> Sequence[object]:
+        try:
+            return await ensureDeferred(self._flush(items))
+        except Exception as e:
+            if not self._isolate(e):
+                raise
+            if len(items) == 1:
+                self._onRejected()
+                log.warn("{name}: the database rejected a row: {error}", name=self.name,
+                         error=_firstLine(e))
+                return [Rejected(_firstLine(e))]
+            # Halves are written one after another: a transient failure in either fails
+            # the whole batch, which is retried (every flush function is idempotent).
+            middle = len(items) // 2
+            return [
+                *await self._flushIsolating(items[:middle]),
+                *await self._flushIsolating(items[middle:]),
+            ]
 
     def _flushed(self, results: Sequence[object], batch: list[tuple[T, Deferred[object]]]) -> None:
         self._retryDelay = 0.0

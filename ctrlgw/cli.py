@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import json
 import sys
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TextIO
@@ -34,7 +33,7 @@ from ctrlgw.config import ConfigError, Overrides, loadConfig, parseDuration, par
 from ctrlgw.interfaces import Unavailable
 from ctrlgw.metrics import Metrics
 from ctrlgw.outbox import FINAL_STATES, resultsChannel
-from ctrlgw.protocol.messages import CONTROLLER_ID
+from ctrlgw.protocol.messages import COMMAND_ID, CONTROLLER_ID
 from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import startEmbedded
 from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion
@@ -580,10 +579,8 @@ async def _awaitOutcome(ctx: Context, command: str, outcomes: dict[str, str]) ->
 
 
 async def _status(ctx: Context) -> int:
-    try:
-        uuid.UUID(ctx.args.command)
-    except ValueError:
-        raise CommandFailed(f"not a command id: {ctx.args.command!r}", EXIT_USAGE) from None
+    if not COMMAND_ID.fullmatch(ctx.args.command):
+        raise CommandFailed(f"not a command id: {ctx.args.command!r}", EXIT_USAGE)
     status = await ctx.store.commandStatus(ctx.args.command)
     if status is None:
         raise CommandFailed(f"no command {ctx.args.command}")

@@ -31,7 +31,7 @@ from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.connection import ControllerProtocol
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.store.listen import NotificationListener
-from ctrlgw.store.postgres import Store
+from ctrlgw.store.postgres import SessionRow, Store
 
 log = Logger()
 
@@ -65,6 +65,13 @@ class Cluster:
         self.metrics = metrics
         self.clockSkew = clockSkew
         self.registered = False
+        # Database time the last reconciliation round started at, and when (instance
+        # clock) the last full one ran.
+        self._since: float | None = None
+        self._lastFull = 0.0
+        # How late a change may commit after it was stamped: a statement never runs
+        # longer than statement_timeout.
+        self.overlap = store.db.config.statement_timeout + 1.0
         self.listener = listener
         listener.subscribe(
             takeoverChannel(store.db.schema), self.takeoverNotified, self._reconcileSoon
@@ -121,33 +128,68 @@ class Cluster:
     # --- reconciliation ---
 
     def _reconcileSoon(self) -> None:
+        # Notifications sent while LISTEN was away are lost; the rows they were about
+        # changed after the last round, so an incremental round finds them.
         ensureDeferred(self.reconcile()).addErrback(
             lambda f: log.warn("reconcile failed: {error}", error=f.getErrorMessage())
         )
 
     async def reconcile(self) -> tuple[int, int]:
         """
-        Compare local connections with the sessions table.
+        One round of reconciliation: only the session rows whose ownership changed since
+        the previous round (with an overlap for rows committed late), or everything when
+        a full round is due (the first one, then every C{full_reconcile_interval}).
 
         @return: (local connections aborted, session rows released).
         """
+        if self._since is None or (
+            self.clock.seconds() - self._lastFull >= self.config.full_reconcile_interval
+        ):
+            return await self.reconcileAll()
+        started, rows = await self.store.changedSessions(self._since - self.overlap)
+        result = self._judge(rows)
+        self._since = started
+        self.metrics.reconcileRounds.labels("changed").inc()
+        self.metrics.reconcileRows.labels("changed").inc(len(rows))
+        return result
+
+    async def reconcileAll(self) -> tuple[int, int]:
+        """
+        Compare every local connection with the sessions table, and record when each was
+        last heard (C{sessions.last_seen_at}).
+
+        @return: (local connections aborted, session rows released).
+        """
+        started = await self.store.databaseTime()
+        now = self.clock.seconds()
         rows = await self.store.reconcile(
             [
-                (c.session.controller, c.session.epoch, c.lastHeard)
+                (c.session.controller, c.session.epoch, max(0.0, now - c.lastHeard))
                 for c in self.registry
                 if isinstance(c, ControllerProtocol) and c.session is not None
             ]
         )
-        byController = {row.controller: row for row in rows}
+        result = self._judge(rows)
+        self._since = started
+        self._lastFull = self.clock.seconds()
+        self.metrics.reconcileRounds.labels("full").inc()
+        self.metrics.reconcileRows.labels("full").inc(len(rows))
+        return result
+
+    def _judge(self, rows: list[SessionRow]) -> tuple[int, int]:
+        """
+        Act on session rows read from the database: abort local connections they show
+        are no longer ours, release rows of ours that have no connection here.
+        """
         aborted = 0
-        # Read the registry again: connections may have come and gone during the query.
-        for connection in list(self.registry):
-            assert isinstance(connection, ControllerProtocol)
-            session = connection.session
-            if session is None:
+        # The registry as it is now: connections may have come and gone during the query.
+        # One controller has one bound connection here, so the rows say all there is.
+        for row in rows:
+            connection = self.registry.lookup(row.controller)
+            if not isinstance(connection, ControllerProtocol) or connection.session is None:
                 continue
-            row = byController.get(session.controller)
-            if row is None or row.epoch < session.epoch:
+            session = connection.session
+            if row.epoch < session.epoch:
                 continue  # Claimed after the query's snapshot: nothing to judge yet.
             if row.epoch > session.epoch or row.instance != self.instance or not row.online:
                 log.info(

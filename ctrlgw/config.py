@@ -106,11 +106,33 @@ def inRange(
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9._:-]{0,64}$")
 
+# PostgreSQL truncates (and NOTIFY refuses) identifiers longer than this many bytes.
+_MAX_IDENTIFIER_BYTES = 63
+# The longest suffix the schema's NOTIFY channels add (ctrlgw.cluster, ctrlgw.outbox).
+_LONGEST_CHANNEL_SUFFIX = "_takeover"
+MAX_SCHEMA_BYTES = _MAX_IDENTIFIER_BYTES - len(_LONGEST_CHANNEL_SUFFIX)
+
 
 def parseIdentifier(raw: str) -> str:
     value = raw.strip()
     if not _IDENTIFIER.match(value):
         raise ValueError(f"expected a lower-case SQL identifier ([a-z_][a-z0-9_]*), got {raw!r}")
+    return value
+
+
+def parseSchema(raw: str) -> str:
+    """
+    A schema name short enough that its NOTIFY channels (C{<schema>_takeover},
+    C{<schema>_commands}, C{<schema>_results}) fit PostgreSQL's 63-byte identifiers.
+    """
+    value = parseIdentifier(raw)
+    size = len(value.encode("utf-8"))
+    if size > MAX_SCHEMA_BYTES:
+        raise ValueError(
+            f"must be at most {MAX_SCHEMA_BYTES} bytes, or its NOTIFY channel"
+            f" {value}{_LONGEST_CHANNEL_SUFFIX} exceeds PostgreSQL's"
+            f" {_MAX_IDENTIFIER_BYTES}-byte limit; got {size} bytes"
+        )
     return value
 
 
@@ -162,7 +184,7 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
     "database": (
         Key("dsn", parseText, ""),
         Key("data_dir", parseText, "var/pgdata"),
-        Key("schema", parseIdentifier, "ctrlgw"),
+        Key("schema", parseSchema, "ctrlgw"),
         Key("migrate", oneOf("auto", "off"), "auto"),
         Key("pool_size", inRange(parseInt, 1, 100), "4"),
         Key("connect_timeout", inRange(parseDuration, 0.1, 300), "5s"),
@@ -186,6 +208,7 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("instance_ttl", inRange(parseDuration, 1, 3600), "30s"),
         Key("heartbeat_interval", inRange(parseDuration, 0.1, 600), "10s"),
         Key("reconcile_interval", inRange(parseDuration, 0.1, 3600), "15s"),
+        Key("full_reconcile_interval", inRange(parseDuration, 1, 86400), "5m"),
         Key("flap_policy", oneOf("refuse", "log"), "refuse"),
         Key("flap_threshold", inRange(parseInt, 2, 1000), "6"),
         Key("flap_window", inRange(parseDuration, 1, 86400), "60s"),
@@ -306,6 +329,7 @@ class ClusterConfig:
     instance_ttl: float
     heartbeat_interval: float
     reconcile_interval: float
+    full_reconcile_interval: float
     flap_policy: str
     flap_threshold: int
     flap_window: float

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from psycopg2 import DataError
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -14,9 +13,9 @@ from zope.interface import implementer
 
 from ctrlgw.batching import BatchWriter
 from ctrlgw.config import InboxConfig
-from ctrlgw.interfaces import IMessageSink, Rejected, Session
+from ctrlgw.interfaces import IMessageSink, Session
 from ctrlgw.metrics import Metrics
-from ctrlgw.store.postgres import DUPLICATE, STORED, InboxRow, Store
+from ctrlgw.store.postgres import DUPLICATE, STORED, InboxRow, Store, rejectsRow
 
 log = Logger()
 
@@ -41,6 +40,8 @@ class Inbox:
             maxBuffered=config.max_buffered,
             onBufferedChanged=metrics.inboxBuffered.set,
             name="inbox",
+            isolate=rejectsRow,
+            onRejected=metrics.rowsRejected.labels("inbox").inc,
         )
 
     def submit(self, session: Session, messageId: str, deviceTs: int, body: object) -> Deferred[None]:
@@ -53,17 +54,7 @@ class Inbox:
     async def _write(self, rows: Sequence[InboxRow]) -> Sequence[object]:
         clock = self.writer.clock
         started = clock.seconds()
-        try:
-            results = await self.store.writeInbox(rows)
-        except (DataError, UnicodeError) as e:
-            # A row the database refuses (the decoder lets none through that it knows of)
-            # must not hold up the rest of its batch forever: halve until it is alone.
-            if len(rows) == 1:
-                log.warn("message {ref} of {controller} refused by the database: {error}",
-                         ref=rows[0].messageId, controller=rows[0].controller, error=e)
-                return [Rejected(str(e).strip().splitlines()[0] if str(e).strip() else repr(e))]
-            middle = len(rows) // 2
-            return [*await self._write(rows[:middle]), *await self._write(rows[middle:])]
+        results = await self.store.writeInbox(rows)
         self.metrics.inboxFlushSeconds.observe(clock.seconds() - started)
         self.metrics.inboxBatchSize.observe(len(rows))
         self.metrics.inboxRowsWritten.inc(sum(1 for r in results if r == STORED))

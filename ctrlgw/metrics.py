@@ -92,6 +92,18 @@ class Metrics:
             "Local connections dropped by reconciliation (their session was no longer ours).",
             registry=r,
         )
+        self.reconcileRounds = Counter(
+            "ctrlgw_reconcile_rounds_total",
+            "Reconciliation rounds, by kind: full (every local session) or changed (only rows"
+            " whose ownership changed since the previous round).",
+            ["kind"],
+            registry=r,
+        )
+        self.reconcileRows = Counter(
+            "ctrlgw_reconcile_rows_total", "Session rows reconciliation read, by kind of round.",
+            ["kind"],
+            registry=r,
+        )
         self.reconcileReleases = Counter(
             "ctrlgw_reconcile_releases_total",
             "Session rows released by reconciliation (ours, but no local connection).",
@@ -185,6 +197,12 @@ class Metrics:
         self.inboxBuffered = Gauge(
             "ctrlgw_inbox_buffered_unacked",
             "Messages held in memory, not yet committed and not yet acked.",
+            registry=r,
+        )
+        self.rowsRejected = Counter(
+            "ctrlgw_rows_rejected_total",
+            "Rows a batch writer isolated because the database refused their content, by writer.",
+            ["writer"],
             registry=r,
         )
         self.inboxRefused = Counter(

@@ -11,7 +11,6 @@ Acks and nacks are settled in batches and only for the session the command was s
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -25,12 +24,24 @@ from ctrlgw.framing import FramingError
 from ctrlgw.interfaces import ICommandSettler, Session
 from ctrlgw.metrics import Metrics
 from ctrlgw.protocol.connection import ControllerProtocol, State
-from ctrlgw.registry import ConnectionRegistry, Registrable
-from ctrlgw.store.postgres import EXPIRED_AT_WRITE, NOT_WRITTEN, TOO_LARGE, ClaimedCommand, Store
+from ctrlgw.protocol.messages import COMMAND_ID, RawJSON
+from ctrlgw.registry import ConnectionRegistry
+from ctrlgw.store.postgres import (
+    EXPIRED_AT_WRITE,
+    NOT_WRITTEN,
+    TOO_LARGE,
+    UNDELIVERABLE,
+    ClaimedCommand,
+    Store,
+    rejectsRow,
+)
 
 log = Logger()
 
 FINAL_STATES = ("acked", "nacked", "expired", "failed")
+
+# Controllers one poll wakes at most; more wait for the next round.
+_MAX_DUE = 10_000
 
 
 def commandsChannel(schema: str) -> str:
@@ -39,14 +50,6 @@ def commandsChannel(schema: str) -> str:
 
 def resultsChannel(schema: str) -> str:
     return f"{schema}_results"
-
-
-def _isUuid(text: str) -> bool:
-    try:
-        uuid.UUID(text)
-    except ValueError:
-        return False
-    return True
 
 
 @implementer(ICommandSettler)
@@ -74,18 +77,21 @@ class Outbox:
         self._stopped = False
         self._settlements: BatchWriter[tuple[str, str, int, bool, str]] = BatchWriter(
             clock, self._settleBatch, batchSize=500, interval=0.002, maxBuffered=100_000,
-            name="command settlements",
+            name="command settlements", isolate=rejectsRow,
+            onRejected=metrics.rowsRejected.labels("settlements").inc,
         )
-        self._unsent: BatchWriter[tuple[str, int, str]] = BatchWriter(
+        self._unsent: BatchWriter[tuple[str, int, int, str]] = BatchWriter(
             clock, store.unsendCommands,
             batchSize=500, interval=0.002, maxBuffered=100_000, name="unsent commands",
+            isolate=rejectsRow, onRejected=metrics.rowsRejected.labels("unsent").inc,
         )
 
     # --- what wakes the outbox ---
 
     def wake(self, controllers: Iterable[str] | None, source: str) -> None:
         """
-        Claim soon for C{controllers} (C{None}: every controller held here).
+        Claim soon for C{controllers} (C{None}: for every controller held here that the
+        database says has a command due -- one indexed query, not a sweep of the fleet).
         """
         if self._stopped:
             return
@@ -107,6 +113,7 @@ class Outbox:
         A NOTIFY on the commands channel: the controllers that have new commands.
         """
         self.wake(None if payload == "*" else payload.split(","), "notify")
+
 
     def sessionStarted(self, session: Session) -> None:
         self.wake([session.controller], "connect")
@@ -141,24 +148,25 @@ class Outbox:
         """
         The live sessions to claim for, each with what woke it; clears the wake-ups.
         """
-        if self._wakeAll is not None:
-            source, self._wakeAll = self._wakeAll, None
-            self._woken.clear()
-            woken: Iterable[tuple[Registrable | None, str]] = (
-                (connection, source) for connection in self.registry
-            )
-        else:
-            pending, self._woken = self._woken, {}
-            woken = ((self.registry.lookup(c), source) for c, source in pending.items())
-        return [
-            (connection.session, source)
-            for connection, source in woken
-            if isinstance(connection, ControllerProtocol)
-            and connection.state is State.LIVE
-            and connection.session is not None
-        ]
+        pending, self._woken = self._woken, {}
+        targets = []
+        for controller, source in pending.items():
+            connection = self.registry.lookup(controller)
+            if (
+                isinstance(connection, ControllerProtocol)
+                and connection.state is State.LIVE
+                and connection.session is not None
+            ):
+                targets.append((connection.session, source))
+        return targets
 
     async def _claimRound(self) -> None:
+        if self._wakeAll is not None:
+            source, self._wakeAll = self._wakeAll, None
+            due = await self.store.dueControllers(self.config.max_attempts, _MAX_DUE)
+            # Past _MAX_DUE, the rest wait for the next poll.
+            for controller in due:
+                self._woken.setdefault(controller, source)
         targets = self._takeTargets()
         for start in range(0, len(targets), self.config.claim_batch):
             chunk = targets[start : start + self.config.claim_batch]
@@ -176,7 +184,12 @@ class Outbox:
                 result = "found" if session.controller in found else "empty"
                 self.metrics.claims.labels(source, result).inc()
             for command in claimed:
-                self._write(command)
+                # Everything claimed is written or reported back, whatever one row does.
+                try:
+                    self._write(command)
+                except Exception:
+                    log.failure("writing command {id} failed", id=command.id)
+                    self._report(command, UNDELIVERABLE)
 
     def _write(self, command: ClaimedCommand) -> None:
         connection = self.registry.lookup(command.controller)
@@ -190,7 +203,7 @@ class Outbox:
             self._report(command, NOT_WRITTEN)
             return
         try:
-            written = connection.deliver(command.id, command.body, command.expiresMs)
+            written = connection.deliver(command.id, RawJSON(command.body), command.expiresMs)
         except FramingError:
             self._report(command, TOO_LARGE)
             return
@@ -206,7 +219,7 @@ class Outbox:
         self._scheduleRetry(command.controller, delay)
 
     def _report(self, command: ClaimedCommand, outcome: str) -> None:
-        d = self._unsent.add((command.id, command.epoch, outcome))
+        d = self._unsent.add((command.id, command.epoch, command.claim, outcome))
         if outcome != NOT_WRITTEN:
             # Once that is recorded, the command is finished: the next one in line may go.
             # (Waking before the report commits would claim against a head still 'sent'.)
@@ -244,7 +257,7 @@ class Outbox:
     # --- answers from controllers ---
 
     def settle(self, session: Session, ref: str, ok: bool, reason: str) -> None:
-        if not _isUuid(ref):
+        if not COMMAND_ID.fullmatch(ref):
             log.debug("{controller} answered an unknown command {ref!r}",
                       controller=session.controller, ref=ref)
             return

@@ -20,7 +20,7 @@ from ctrlgw.batching import BatchWriter
 from ctrlgw.config import AuthConfig
 from ctrlgw.interfaces import AuthFailed, IOwnership, Session, Unavailable
 from ctrlgw.metrics import Metrics
-from ctrlgw.store.postgres import Event, Store
+from ctrlgw.store.postgres import Event, Store, rejectsRow
 
 log = Logger()
 
@@ -61,6 +61,7 @@ class EventLog:
         self._writer: BatchWriter[Event] = BatchWriter(
             clock, store.writeEvents,
             batchSize=500, interval=0.05, maxBuffered=maxBuffered, name="events",
+            isolate=rejectsRow, onRejected=metrics.rowsRejected.labels("events").inc,
         )
 
     def record(self, controller: str, kind: str, reason: str = "", epoch: int | None = None,
@@ -105,6 +106,7 @@ class PostgresOwnership:
         self._releases: BatchWriter[tuple[str, int, str]] = BatchWriter(
             clock, store.releaseSessions,
             batchSize=500, interval=0.01, maxBuffered=100_000, name="session releases",
+            isolate=rejectsRow, onRejected=metrics.rowsRejected.labels("releases").inc,
         )
 
     def claim(self, controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:

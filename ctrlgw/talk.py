@@ -2,8 +2,9 @@
 C{ctrlgw talk}: be a controller by hand, over the lines framing.
 
 Says hello, prints every frame the gateway sends, answers its pings and (unless told not
-to) acks its commands.  Each line typed is sent: a JSON object as it is (C{ts} added when
-missing), anything else as the body of a C{msg} with a fresh id.
+to) acks its commands.  Each line typed is sent: a JSON object with a C{type} as it is
+(C{ts} added when missing); any other JSON value, an object without a C{type} included, as
+the body of a C{msg} with a fresh id; and text that is not JSON as a string body.
 """
 
 from __future__ import annotations
@@ -19,6 +20,25 @@ from twisted.internet.protocol import Protocol
 from twisted.protocols.basic import LineReceiver
 
 from ctrlgw.clock import wallMillis
+
+
+def _notJson(constant: str) -> Any:
+    # Python reads NaN and Infinity, which are not JSON: the gateway would refuse the frame.
+    raise ValueError(f"{constant} is not JSON")
+
+
+def frameFor(text: str) -> dict[str, Any]:
+    """
+    The frame for a typed line: a JSON object with a C{type} is a frame already; any other
+    JSON value is the body of a C{msg}, and so is text that is not JSON (as a string).
+    """
+    try:
+        value: Any = json.loads(text, parse_constant=_notJson)
+    except ValueError:
+        value = text
+    if isinstance(value, dict) and "type" in value:
+        return value
+    return {"type": "msg", "id": uuid.uuid4().hex[:12], "body": value}
 
 
 class TalkingController(LineReceiver):
@@ -74,12 +94,7 @@ class TalkingController(LineReceiver):
         text = text.strip()
         if not text:
             return
-        try:
-            frame = json.loads(text)
-        except ValueError:
-            frame = None
-        if not isinstance(frame, dict):
-            frame = {"type": "msg", "id": uuid.uuid4().hex[:12], "body": text}
+        frame = frameFor(text)
         if self._waiting is not None:
             self._waiting.append(frame)
         else:

@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
+from ctrlgw.cluster import takeoverChannel
 from ctrlgw.config import (
     ConfigError,
     GatewayConfig,
@@ -20,6 +21,7 @@ from ctrlgw.config import (
     sectionKeys,
 )
 from ctrlgw.framing import FramingError
+from ctrlgw.outbox import commandsChannel, resultsChannel
 
 from .helpers import iniText, makeConfig
 
@@ -295,6 +297,50 @@ class ErrorTests(ConfigErrorAssertions):
         error = self.assertRaises(ConfigError, loadConfig, path)
         self.assertEqual(len(str(error).splitlines()), 1)
         self.assertIn(path, str(error))
+
+
+class SchemaLengthTests(ConfigErrorAssertions):
+    """
+    The schema names NOTIFY channels, which must fit PostgreSQL's 63-byte identifiers.
+    """
+
+    def channels(self, schema: str) -> list[str]:
+        return [takeoverChannel(schema), commandsChannel(schema), resultsChannel(schema)]
+
+    def test_longestAccepted(self) -> None:
+        """
+        A 54-byte schema is accepted, and every channel named after it fits in 63 bytes.
+        """
+        schema = "s" * 54
+        config = parseConfig(iniText({**LISTENER, "database": {"schema": schema}}), SOURCE)
+        self.assertEqual(config.database.schema, schema)
+        for channel in self.channels(schema):
+            self.assertLessEqual(len(channel.encode("utf-8")), 63, channel)
+
+    def test_tooLongRefused(self) -> None:
+        """
+        From 55 bytes on (where C{<schema>_takeover} would pass 63 bytes) the schema is
+        refused with the usual one-line error naming file, section and key, up to the
+        63 characters the identifier pattern itself allows.
+        """
+        for length in (55, 60, 63):
+            schema = "s" * length
+            self.assertGreater(len(takeoverChannel(schema).encode("utf-8")), 63)
+            error = self.assertConfigError(
+                iniText({**LISTENER, "database": {"schema": schema}}), "database", "schema"
+            )
+            self.assertIn("54", error.problem)
+            self.assertIn(f"{schema}_takeover", error.problem)
+
+    def test_tooLongInFileRefused(self) -> None:
+        """
+        The limit applies however the file is read: L{loadConfig} refuses it too.
+        """
+        path = self.mktemp()
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(iniText({**LISTENER, "database": {"schema": "x" * 55}}))
+        error = self.assertRaises(ConfigError, loadConfig, path)
+        self.assertEqual((error.source, error.section, error.key), (path, "database", "schema"))
 
 
 class ListenerTests(SynchronousTestCase):

@@ -268,7 +268,7 @@ class OutboxTests(PostgresTestCase):
         self.assertEqual(len(claimed), 150)
         byController: dict[str, list[object]] = {}
         for command in claimed:
-            byController.setdefault(command.controller, []).append(command.body)
+            byController.setdefault(command.controller, []).append(json.loads(command.body))
         self.assertEqual(set(byController), {c for c, _ in sessions})
         for bodies in byController.values():
             self.assertEqual(bodies, [{"r": 0}, {"r": 1}, {"r": 2}])
@@ -476,14 +476,17 @@ class OutboxTests(PostgresTestCase):
         self.assertEqual(held.session.epoch, oldWelcome["epoch"])
 
         ids = await self.sendMany(["c-1"] * 10, [{"n": n} for n in range(10)])
-        polled = sample(a, "ctrlgw_command_claims_total", {"source": "poll", "result": "empty"})
+        polled = sample(a, "ctrlgw_db_query_seconds_count", {"query": "outbox_due"})
         await new.waitFor("cmd", id=ids[0])
-        # A polls (for its stale session) a few times while the commands are pending.
+        # A polls a few times while the commands are pending, and finds nothing due for
+        # its stale session: the database says c-1 is no longer A's.
         await waitUntil(
-            lambda: sample(a, "ctrlgw_command_claims_total",
-                           {"source": "poll", "result": "empty"}) >= polled + 3,
+            lambda: sample(a, "ctrlgw_db_query_seconds_count",
+                           {"query": "outbox_due"}) >= polled + 3,
             5, what="three polls on A",
         )
+        self.assertEqual(sample(a, "ctrlgw_command_claims_total",
+                                {"source": "poll", "result": "found"}), 0)
         new.autoAck = True
         new.send({"type": "ack", "ref": ids[0]})
         for command in ids:
@@ -563,8 +566,9 @@ class OutboxTests(PostgresTestCase):
         claiming = Deferred.fromCoroutine(store.claimCommands([("c-1", old.epoch)], 1, 5, 10.0, 2.0))
         await sleep(0.2)
         await other.runOperation("COMMIT")
-        self.assertEqual([(c.id, c.epoch) for c in await claiming], [(command, old.epoch)])
-        await store.unsendCommands([(command, old.epoch, "not_written")])
+        first = await claiming
+        self.assertEqual([(c.id, c.epoch) for c in first], [(command, old.epoch)])
+        await store.unsendCommands([(command, old.epoch, first[0].claim, "not_written")])
 
         # The new session's claim is in flight (row locked, not committed) when the old
         # owner claims: the old owner must not send on the session being superseded.

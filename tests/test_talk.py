@@ -10,12 +10,52 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
 
 from ctrlgw.cli import run
-from ctrlgw.talk import talk
+from ctrlgw.talk import frameFor, talk
 from tests.gateways import listenerPort, sleep, startGateway, waitUntil
 from tests.helpers import deferred
 from tests.pg import PostgresTestCase
+
+
+class FrameForTests(SynchronousTestCase):
+    """
+    What a typed line becomes.
+    """
+
+    def assertMsg(self, text: str, body: object) -> None:
+        frame = frameFor(text)
+        self.assertEqual((frame["type"], frame["body"]), ("msg", body), text)
+        self.assertEqual(set(frame), {"type", "id", "body"}, text)
+        self.assertRegex(frame["id"], r"^[0-9a-f]{12}$")
+
+    def test_objectWithoutTypeIsBody(self) -> None:
+        """
+        The README tour's first line: a JSON object without a C{type} is a msg's body.
+        """
+        self.assertMsg('{"t": 21.5}', {"t": 21.5})
+        self.assertMsg("{}", {})
+
+    def test_objectWithTypeSentAsItIs(self) -> None:
+        self.assertEqual(frameFor('{"type": "ack", "ref": "c-1"}'), {"type": "ack", "ref": "c-1"})
+        self.assertEqual(frameFor('{"type": "nonsense"}'), {"type": "nonsense"})
+
+    def test_otherJsonIsBody(self) -> None:
+        self.assertMsg("[1, 2]", [1, 2])
+        self.assertMsg("42", 42)
+        self.assertMsg('"quoted"', "quoted")
+        self.assertMsg("null", None)
+
+    def test_textIsStringBody(self) -> None:
+        self.assertMsg("hello there", "hello there")
+        self.assertMsg("{not json", "{not json")
+        # Python would read these as floats the gateway refuses; they are text.
+        self.assertMsg("NaN", "NaN")
+        self.assertMsg("[Infinity]", "[Infinity]")
+
+    def test_freshIds(self) -> None:
+        self.assertNotEqual(frameFor("a")["id"], frameFor("a")["id"])
 
 
 class TalkTests(PostgresTestCase):

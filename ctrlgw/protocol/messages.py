@@ -17,6 +17,10 @@ from dataclasses import dataclass
 from typing import Any, TypeGuard
 
 CONTROLLER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A command id as the gateway writes it.  Narrower than both Python's uuid.UUID (which also
+# takes urn:uuid:, braces and stray hyphens) and PostgreSQL's uuid input, so a ref that
+# matches can never be refused by the database and jam a settlement batch.
+COMMAND_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 MAX_ID_LENGTH = 128
 MAX_TOKEN_LENGTH = 512
 MAX_REASON_LENGTH = 1024
@@ -233,14 +237,31 @@ _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan
 _asciiEncoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+class RawJSON(str):
+    """
+    A JSON document as text, written into a frame as it is (a command body as PostgreSQL's
+    jsonb prints it: always valid JSON, never decoded and encoded again).
+    """
+
+
 def encode(kind: str, ts: int, **fields: Any) -> bytes:
     """
-    Encode a gateway frame of type C{kind} stamped with C{ts}.
+    Encode a gateway frame of type C{kind} stamped with C{ts}.  L{RawJSON} fields go last,
+    in their order, as they are.
     """
-    frame = {"type": kind, "ts": ts, **fields}
+    frame = {"type": kind, "ts": ts}
+    raw = []
+    for name, value in fields.items():
+        if isinstance(value, RawJSON):
+            raw.append(b',"%s":%s' % (name.encode("ascii"), value.encode("utf-8")))
+        else:
+            frame[name] = value
     try:
-        return _encoder.encode(frame).encode("utf-8")
+        encoded = _encoder.encode(frame).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate (a peer may send one as a \ud800 escape, e.g. in a msg id that
         # is echoed as a ref) has no UTF-8 form; escaped, it goes back exactly as it came.
-        return _asciiEncoder.encode(frame).encode("ascii")
+        encoded = _asciiEncoder.encode(frame).encode("ascii")
+    if raw:
+        encoded = b"".join([encoded[:-1], *raw, b"}"])
+    return encoded

@@ -6,20 +6,36 @@ connection is healthy fails at once with L{Unavailable} instead of waiting; brok
 connections are replaced in the background with capped exponential backoff.  Every
 connection sets C{statement_timeout}, C{idle_in_transaction_session_timeout} and the
 schema's C{search_path}, and TCP keepalives, so a server that vanished is noticed.
+
+libpq resolves host names synchronously even in an asynchronous connect, which would freeze
+the reactor for as long as DNS takes.  So the DSN's host names are resolved first, in the
+reactor's thread pool, and handed to libpq as C{hostaddr} (L{pinHostAddresses}); C{host}
+stays, for TLS verification and C{.pgpass}.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
+import socket
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 # Exception classes only: every call goes through txpostgres, never blocking.
 from psycopg2 import Error as DatabaseError
 from psycopg2 import InterfaceError, OperationalError
 from psycopg2 import errors as sqlstate
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
+from psycopg2.extensions import make_dsn, parse_dsn
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    ensureDeferred,
+    gatherResults,
+)
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from txpostgres import txpostgres
@@ -42,6 +58,109 @@ _MAX_RETRIES = 5
 # alone is the server cancelling the statement (txpostgres turns QueryCanceled, e.g. from
 # statement_timeout, into CancelledError): the connection is sound.
 _TIMEOUTS = (TimeoutError,)
+
+
+GetAddrInfo = Callable[..., Sequence[tuple[Any, ...]]]
+
+
+# --- host names resolved off the reactor thread ---
+
+
+def _needsResolving(host: str) -> bool:
+    """
+    Whether libpq would look C{host} (one entry of a C{host} list) up in DNS: not for an
+    empty entry (the default), a Unix-socket directory or an abstract socket, or a
+    literal IP address.
+    """
+    if not host or host.startswith(("/", "@")):
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
+
+
+def _hostList(params: Mapping[str, str], environ: Mapping[str, str]) -> list[str] | None:
+    """
+    The DSN's C{host} entries, or L{None} when libpq is not to be second-guessed: a
+    C{hostaddr} is given already, or the hosts come from a service file.
+    """
+    if "hostaddr" in params or environ.get("PGHOSTADDR"):
+        return None
+    if "host" in params:
+        host = params["host"]
+    elif "service" in params or environ.get("PGSERVICE"):
+        return None
+    else:
+        host = environ.get("PGHOST", "")
+    return host.split(",")
+
+
+def hostNamesToResolve(dsn: str, environ: Mapping[str, str] = os.environ) -> list[str]:
+    """
+    The host names in C{dsn} (a key/value string or a URI) that libpq would resolve itself,
+    each once, in order.  C{PGHOST} counts when the DSN names no host, as it does for libpq.
+    """
+    hosts = _hostList(parse_dsn(dsn), environ)
+    names: list[str] = []
+    for host in hosts or ():
+        if _needsResolving(host) and host not in names:
+            names.append(host)
+    return names
+
+
+def pinHostAddresses(
+    dsn: str, addresses: Mapping[str, Sequence[str]], environ: Mapping[str, str] = os.environ
+) -> str:
+    """
+    C{dsn} rewritten so that libpq connects to C{addresses[name]} for every host name
+    instead of resolving it: C{hostaddr} gets one entry per C{host} entry, empty for a
+    Unix socket or a literal IP.  A name with several addresses is repeated once per
+    address (libpq would try each of them too), with its C{port} entry if ports are a list.
+    A name with no address is dropped, as libpq would skip it.  A DSN with nothing to
+    resolve comes back unchanged.
+
+    @raise OperationalError: if no host is left to try.
+    """
+    params = parse_dsn(dsn)
+    hosts = _hostList(params, environ)
+    if hosts is None or not any(_needsResolving(h) for h in hosts):
+        return dsn
+    portText = params.get("port", environ.get("PGPORT", ""))
+    ports = portText.split(",")
+    perHost = len(ports) > 1
+    if perHost and len(ports) != len(hosts):
+        return dsn  # libpq refuses the mismatch itself, with a better message.
+    newHosts: list[str] = []
+    newAddresses: list[str] = []
+    newPorts: list[str] = []
+    for index, host in enumerate(hosts):
+        found = addresses.get(host, ()) if _needsResolving(host) else ("",)
+        for address in found:
+            newHosts.append(host)
+            newAddresses.append(address)
+            if perHost:
+                newPorts.append(ports[index])
+    if not newHosts:
+        raise OperationalError(
+            "could not translate host name "
+            + ", ".join(f'"{h}"' for h in hosts)
+            + " to address"
+        )
+    params["host"] = ",".join(newHosts)
+    params["hostaddr"] = ",".join(newAddresses)
+    if perHost:
+        params["port"] = ",".join(newPorts)
+    return str(make_dsn(**params))
+
+
+def _addresses(infos: Sequence[tuple[Any, ...]]) -> list[str]:
+    found: list[str] = []
+    for family, _type, _proto, _name, sockaddr in infos:
+        if family in (socket.AF_INET, socket.AF_INET6) and sockaddr[0] not in found:
+            found.append(str(sockaddr[0]))
+    return found
 
 
 class _Connection(txpostgres.Connection):
@@ -131,8 +250,17 @@ class Database:
         config: DatabaseConfig,
         metrics: Metrics,
         applicationName: str = "ctrlgw",
+        getaddrinfo: GetAddrInfo = socket.getaddrinfo,
+        environ: Mapping[str, str] = os.environ,
     ) -> None:
+        """
+        @param getaddrinfo: resolves the DSN's host names; always called in the
+            reactor's thread pool, never on the reactor thread.
+        @param environ: the libpq environment (C{PGHOST} and friends).
+        """
         self.reactor = reactor
+        self._getaddrinfo = getaddrinfo
+        self._environ = environ
         self.clock: IReactorTime = reactor
         self.config = config
         self.schema = config.schema
@@ -216,6 +344,12 @@ class Database:
         C{onLost} is called if the server drops it while it is idle.
         """
         assert self.dsn is not None
+        # Before the connection exists: a resolution that times out leaves nothing open.
+        dsn = await withDeadline(
+            Deferred.fromCoroutine(self._resolvedDsn(self.dsn)),
+            self.config.connect_timeout,
+            self.clock,
+        )
         conn = _Connection(reactor=self.reactor)
         conn.onLost = onLost
         try:
@@ -223,7 +357,7 @@ class Database:
             # here.
             await withDeadline(
                 conn.connect(
-                    self.dsn,
+                    dsn,
                     connect_timeout=max(1, int(self.config.connect_timeout)),
                     application_name=self.applicationName,
                     keepalives=1,
@@ -242,6 +376,35 @@ class Database:
             _closeQuietly(conn)
             raise
         return conn
+
+    async def _resolvedDsn(self, dsn: str) -> str:
+        """
+        C{dsn} with its host names resolved in the reactor's thread pool and pinned as
+        C{hostaddr}, so that libpq does no DNS lookup on the reactor thread.
+        """
+        names = hostNamesToResolve(dsn, self._environ)
+        if not names:
+            return dsn
+        found = await gatherResults(
+            [Deferred.fromCoroutine(self._resolve(n)) for n in names], consumeErrors=True
+        )
+        return pinHostAddresses(dsn, dict(zip(names, found, strict=True)), self._environ)
+
+    async def _resolve(self, name: str) -> list[str]:
+        try:
+            infos = await deferToThreadPool(
+                self.reactor,
+                self.reactor.getThreadPool(),
+                self._getaddrinfo,
+                name,
+                None,
+                0,
+                socket.SOCK_STREAM,
+            )
+        except (OSError, UnicodeError) as e:  # UnicodeError: not a valid IDNA name.
+            log.warn("cannot resolve database host {host}: {error}", host=name, error=str(e))
+            return []
+        return _addresses(infos)
 
     def _configure(self, conn: txpostgres.Connection) -> Deferred[None]:
         return conn.runOperation(

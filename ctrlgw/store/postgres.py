@@ -13,8 +13,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from psycopg2 import DataError, IntegrityError
+
 from ctrlgw.interfaces import Fenced
 from ctrlgw.store.database import Database
+
+
+def rejectsRow(error: BaseException) -> bool:
+    """
+    Whether C{error} means the database refuses a row for its content (bad data, a broken
+    constraint, text the encoding cannot hold), so a batch writer must isolate that row
+    rather than retry the whole batch.
+    """
+    return isinstance(error, DataError | IntegrityError | UnicodeError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,9 +118,11 @@ FROM claim_session(%(controller)s, %(session)s, %(instance)s, %(listener)s, %(pe
 
 _RECONCILE_LOCAL = """
 WITH local AS (
-    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::float8[]) AS l(controller_id, epoch, heard)
+    SELECT * FROM unnest(%s::text[], %s::bigint[], %s::float8[]) AS l(controller_id, epoch, ago)
 ), touched AS (
-    UPDATE sessions s SET last_seen_at = to_timestamp(l.heard)
+    -- On the database clock, like every other session time: the instance says only how
+    -- long ago it heard the controller.
+    UPDATE sessions s SET last_seen_at = now() - make_interval(secs => l.ago)
     FROM local l
     WHERE s.controller_id = l.controller_id AND s.epoch = l.epoch AND s.online
 )
@@ -121,6 +134,15 @@ FROM sessions s JOIN local l ON l.controller_id = s.controller_id
 _RECONCILE_OWNED = """
 SELECT controller_id, epoch, instance_id, online FROM sessions
 WHERE instance_id = %s AND online
+"""
+
+# Rows whose ownership changed since a time (the index sessions_changed_at, migration 5); the
+# statement's own start time comes back even when nothing changed.
+_CHANGED_SESSIONS = """
+SELECT extract(epoch FROM statement_timestamp())::float8,
+       s.controller_id, s.epoch, s.instance_id, s.online
+FROM (SELECT 1) AS always
+LEFT JOIN sessions s ON s.changed_at > to_timestamp(%s)
 """
 
 # Local sessions per reconcile statement: bounds how long its row locks are held.
@@ -169,17 +191,22 @@ FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], %s::text[])
 class ClaimedCommand:
     id: str
     controller: str
-    body: object
+    # The body as jsonb prints it: written into the frame as it is, never decoded here
+    # (jsonb holds numbers Python's json refuses; decoding could strand the whole claim).
+    body: str
     expiresMs: int
     attempts: int
     epoch: int
     createdAt: float
+    # Which claim of this command this is: a report about it names it.
+    claim: int
 
 
 # What became of a claimed command the gateway did not write.
 NOT_WRITTEN = "not_written"  # the connection was gone: back to pending, attempt undone
 EXPIRED_AT_WRITE = "expired_at_write"
 TOO_LARGE = "too_large"
+UNDELIVERABLE = "undeliverable"  # writing it failed for a reason a retry would not cure
 
 _CLAIM_COMMANDS = """
 WITH local AS (
@@ -226,14 +253,14 @@ WITH local AS (
         state = 'sent', attempts = c.attempts + 1, sent_at = now(), sent_epoch = locked.epoch,
         next_attempt_at = now() + make_interval(
             secs => %(ackTimeout)s * power(%(backoff)s::float8, c.attempts)),
-        last_instance = %(instance)s, detail = ''
+        last_instance = %(instance)s, detail = '', claims = c.claims + 1
     FROM locked WHERE c.id = locked.id AND c.state IN ('pending', 'sent')
-    RETURNING c.seq, c.id::text AS id, c.controller_id, c.body,
+    RETURNING c.seq, c.id::text AS id, c.controller_id, c.body::text AS body,
         (extract(epoch FROM c.expires_at) * 1000)::bigint AS expires_ms, c.attempts,
-        c.sent_epoch, extract(epoch FROM c.created_at)::float8 AS created_at
+        c.sent_epoch, extract(epoch FROM c.created_at)::float8 AS created_at, c.claims
 )
 -- RETURNING has no order of its own (it follows the join plan): write in FIFO order.
-SELECT id, controller_id, body, expires_ms, attempts, sent_epoch, created_at
+SELECT id, controller_id, body, expires_ms, attempts, sent_epoch, created_at, claims
 FROM claimed ORDER BY seq
 """
 
@@ -244,15 +271,19 @@ UPDATE commands c SET
                  ELSE 'failed' END,
     attempts = CASE WHEN u.outcome = 'not_written' THEN c.attempts - 1 ELSE c.attempts END,
     finished_at = CASE WHEN u.outcome = 'not_written' THEN NULL ELSE now() END,
+    -- Cleared once the attempt is undone, so the same report applied again matches nothing.
+    sent_epoch = CASE WHEN u.outcome = 'not_written' THEN NULL ELSE c.sent_epoch END,
     next_attempt_at = NULL, last_instance = %s,
     detail = CASE WHEN u.outcome = 'not_written' THEN 'connection gone before the write'
                   WHEN u.outcome = 'expired_at_write' AND c.attempts = 1
                       THEN 'ttl passed before it was written'
                   WHEN u.outcome = 'expired_at_write'
                       THEN 'ttl passed without an ack after ' || (c.attempts - 1) || ' sends'
+                  WHEN u.outcome = 'undeliverable' THEN 'the gateway could not write it'
                   ELSE 'does not fit in one frame' END
-FROM unnest(%s::uuid[], %s::bigint[], %s::text[]) AS u(id, epoch, outcome)
-WHERE c.id = u.id AND c.sent_epoch = u.epoch
+FROM unnest(%s::uuid[], %s::bigint[], %s::integer[], %s::text[]) AS u(id, epoch, claim, outcome)
+-- The very claim the report is about: not an earlier one, not a later one.
+WHERE c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
   -- Not written, but already put back to pending because its session ended: undo the
   -- attempt all the same, it never reached the controller.
   AND (c.state = 'sent' OR (c.state = 'pending' AND u.outcome = 'not_written'))
@@ -301,6 +332,21 @@ UPDATE commands c SET
                   ELSE 'no ack after ' || c.attempts || ' sends' END
 FROM due WHERE c.id = due.id
 RETURNING c.state
+"""
+
+# The lost-NOTIFY fallback: controllers held here with a command due, found from the
+# active-commands index (migration 0003), so its cost follows the unfinished commands, never
+# the number of connected controllers.
+_DUE_CONTROLLERS = """
+WITH due AS MATERIALIZED (
+    SELECT DISTINCT controller_id FROM commands
+    WHERE state IN ('pending', 'sent') AND attempts < %(maxAttempts)s AND expires_at > now()
+      AND (state = 'pending' OR next_attempt_at <= now())
+)
+SELECT due.controller_id FROM due
+JOIN sessions s ON s.controller_id = due.controller_id AND s.online
+               AND s.instance_id = %(instance)s
+LIMIT %(limit)s
 """
 
 _QUEUE_DEPTH = """
@@ -370,7 +416,8 @@ class Store:
 
     async def reconcile(self, local: Sequence[tuple[str, int, float]]) -> list[SessionRow]:
         """
-        Record when each local session was last heard, and return the session rows of
+        Record when each local session was last heard (C{local}: controller, epoch and
+        seconds since it was last heard), and return the session rows of
         every local controller and every row this instance owns.
         """
         rows = []
@@ -384,6 +431,16 @@ class Store:
         rows += await self.db.runQuery("reconcile_owned", _RECONCILE_OWNED, (self.instance,))
         unique = {(c, e, i, bool(o)) for c, e, i, o in rows}
         return [SessionRow(*row) for row in unique]
+
+    async def changedSessions(self, since: float) -> tuple[float, list[SessionRow]]:
+        """
+        The session rows whose epoch, instance or online flag changed after C{since}
+        (database clock, epoch seconds), cluster-wide, and the database time the query
+        started at.
+        """
+        result = await self.db.runQuery("reconcile_changed", _CHANGED_SESSIONS, (since,))
+        rows = [SessionRow(c, e, i, bool(o)) for _, c, e, i, o in result if c is not None]
+        return float(result[0][0]), rows
 
     async def registerInstance(self, host: str, pid: int) -> int:
         """
@@ -512,17 +569,36 @@ class Store:
         )
         return [ClaimedCommand(*row) for row in rows]
 
-    async def unsendCommands(self, rows: Sequence[tuple[str, int, str]]) -> list[object]:
+    async def unsendCommands(self, rows: Sequence[tuple[str, int, int, str]]) -> list[object]:
         """
-        Report claimed commands that were not written: (id, epoch, outcome) with outcome
-        L{NOT_WRITTEN}, L{EXPIRED_AT_WRITE} or L{TOO_LARGE}.
+        Report claimed commands that were not written: (id, epoch, claim, outcome) with
+        outcome L{NOT_WRITTEN}, L{EXPIRED_AT_WRITE}, L{TOO_LARGE} or L{UNDELIVERABLE}.
+        Idempotent: a report changes only the claim it names, once.
         """
         await self.db.runOperation(
             "outbox_unsend",
             _UNSEND_COMMANDS,
-            (self.instance, [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]),
+            (
+                self.instance,
+                [r[0] for r in rows],
+                [r[1] for r in rows],
+                [r[2] for r in rows],
+                [r[3] for r in rows],
+            ),
         )
         return [None] * len(rows)
+
+    async def dueControllers(self, maxAttempts: int, limit: int) -> list[str]:
+        """
+        Controllers this instance holds that have a command due (pending, or sent with its
+        retry due), for the poll that covers lost notifications.
+        """
+        rows = await self.db.runQuery(
+            "outbox_due",
+            _DUE_CONTROLLERS,
+            {"maxAttempts": maxAttempts, "instance": self.instance, "limit": limit},
+        )
+        return [r[0] for r in rows]
 
     async def settleCommands(
         self, rows: Sequence[tuple[str, str, int, bool, str]]
