@@ -7,6 +7,8 @@ L{makeService}.
 
 from __future__ import annotations
 
+import atexit
+import os
 import sys
 from typing import Any
 
@@ -66,4 +68,31 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from ctrlgw.service import Gateway
 
     assert options.gatewayConfig is not None
-    return Gateway(options.gatewayConfig, reactor).service
+    return Gateway(options.gatewayConfig, reactor, lambda line: stopProcess(reactor, line)).service
+
+
+def _exitNow(status: int) -> None:
+    for stream in (sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            stream.flush()
+    os._exit(status)
+
+
+def stopProcess(reactor: Any, line: str) -> None:
+    """
+    Say C{line} on standard error and stop: the service tree stops in order, then the
+    process exits with status 1.
+
+    twistd has no exit status to set, so the status is set as the interpreter exits,
+    after twistd has stopped the reactor and removed its pid file.
+    """
+    from twisted.internet.error import ReactorNotRunning
+
+    from ctrlgw.service import writeToStderr
+
+    writeToStderr(line)
+    atexit.register(_exitNow, 1)
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # Stopping already.

@@ -4,6 +4,7 @@ the database or several instances.
 
 L{startGateway} runs a L{Gateway} service on the real reactor (or one whose clock is off,
 L{SkewedReactor}) against a given PostgreSQL schema and waits until it is ready;
+L{TwistdProcess} runs C{twistd -n ctrlgw} as a child process, as an operator would;
 L{connectController} and L{connectEndpoint} open a connection speaking JSON lines;
 L{LineController} records every frame it gets and lets a test wait for one.  L{waitUntil}
 and L{sleep} wait on the real reactor; L{metric} and L{sample} read a gateway's metrics.
@@ -13,14 +14,18 @@ from __future__ import annotations
 
 import gc
 import json
-from collections.abc import Callable, Mapping
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IProcessTransport, IStreamClientEndpoint
+from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
@@ -304,3 +309,106 @@ def sample(gateway: Gateway, name: str, labels: Mapping[str, str] | None = None)
     Like L{metric}, but 0 for a sample not (yet) there.
     """
     return metric(gateway, name, labels) or 0.0
+
+
+# --- twistd as a child process ---
+
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def freePort() -> int:
+    """
+    A TCP port on 127.0.0.1 that was free a moment ago.
+    """
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def twistdEnvironment() -> dict[str, str]:
+    """
+    The environment for a twistd child: without C{PYTHONPATH}, so that the plugin must
+    come from the installed package.
+    """
+    env = dict(os.environ)
+    env.pop("PYTHONPATH", None)
+    return env
+
+
+class TwistdProcess(ProcessProtocol):
+    """
+    A C{twistd} child process.  C{out} and C{err} collect its standard output and error,
+    C{output} both as they came; C{ended} fires with C{(exitCode, signal)}.
+    """
+
+    def __init__(self) -> None:
+        self.out = b""
+        self.err = b""
+        self.output = b""
+        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
+        self.process: IProcessTransport | None = None
+
+    @classmethod
+    def spawn(cls, testCase: TestCase, args: Sequence[str], path: str) -> TwistdProcess:
+        """
+        Run C{twistd args} in directory C{path}; killed at the end of the test if it is
+        still running then.
+        """
+        child = cls()
+        child.process = reactor.spawnProcess(
+            child, TWISTD, [TWISTD, *args], env=twistdEnvironment(), path=path
+        )
+
+        async def kill() -> None:
+            if not child.ended.called:
+                child.signal(signal.SIGKILL)
+                await child.ended
+
+        testCase.addCleanup(lambda: Deferred.fromCoroutine(kill()))
+        return child
+
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
+        self.output += data
+
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+        self.output += data
+
+    def processEnded(self, reason: Failure) -> None:
+        value: Any = reason.value  # ProcessDone or ProcessTerminated
+        self.ended.callback((value.exitCode, value.signal))
+
+    def text(self) -> str:
+        return self.output.decode(errors="replace")
+
+    def signal(self, number: int) -> None:
+        assert self.process is not None
+        self.process.signalProcess(number)
+
+    async def waitForExit(self, timeout: float = 60.0) -> tuple[int | None, int | None]:
+        await waitUntil(lambda: self.ended.called, timeout, 0.05,
+                        what=lambda: f"twistd to exit:\n{self.text()}")
+        return await self.ended
+
+    async def waitReady(self, httpPort: int, timeout: float = 60.0) -> None:
+        """
+        Wait until C{/readyz} on C{httpPort} answers 200, as a load balancer would; fail
+        with the output if the process ends first.
+        """
+        from twisted.web.client import Agent, readBody
+
+        agent = Agent(reactor, connectTimeout=5)
+        deadline = reactor.seconds() + timeout
+        while reactor.seconds() < deadline:
+            try:
+                response = await agent.request(b"GET", b"http://127.0.0.1:%d/readyz" % httpPort)
+                await readBody(response)
+                if response.code == 200:
+                    return
+            except Exception:
+                pass  # Not listening yet.
+            if self.ended.called:
+                raise AssertionError(f"twistd ended before it was ready:\n{self.text()}")
+            await sleep(0.1)
+        raise AssertionError(f"twistd never ready:\n{self.text()}")

@@ -15,7 +15,6 @@ import uuid
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.internet.utils import getProcessOutputAndValue
@@ -24,15 +23,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from ctrlgw import tap
 from ctrlgw.service import SequentialMultiService
+from tests.gateways import TWISTD, TwistdProcess, freePort, twistdEnvironment
 from tests.pg import sharedDsn
-
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-
-def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PluginTests(SynchronousTestCase):
@@ -65,7 +57,8 @@ class PluginTests(SynchronousTestCase):
 
     def test_makeServiceTakesReactor(self) -> None:
         """
-        makeService builds the tree on the reactor it is given, one service per concern.
+        makeService builds the tree on the reactor it is given, one service per concern,
+        in start order.
         """
         from twisted.internet.testing import MemoryReactorClock
 
@@ -78,24 +71,11 @@ class PluginTests(SynchronousTestCase):
         service = tap.makeService(options, memoryReactor)
         self.assertIsInstance(service, SequentialMultiService)
         names = [child.name for child in service]
-        for expected in ("database", "http", "writers", "clock-check", "retention",
-                         "connections", "listener:main"):
-            self.assertIn(expected, names)
-
-
-class _Collect(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[tuple[int | None, int | None]] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: object) -> None:
-        value = reason.value  # type: ignore[attr-defined]
-        self.ended.callback((value.exitCode, value.signal))
+        # The start order (stopping runs it backwards): the listeners last.
+        self.assertEqual(names, [
+            "database", "http", "membership", "writers", "clock-check", "retention",
+            "heartbeat", "reconcile", "outbox-poll", "connections", "listener:main",
+        ])
 
 
 class TwistdEndToEndTests(TestCase):
@@ -107,9 +87,7 @@ class TwistdEndToEndTests(TestCase):
     timeout = 120
 
     def _env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
-        return env
+        return twistdEnvironment()
 
     async def _runGateway(self) -> None:
         dsn = await deferToThread(sharedDsn)
@@ -123,62 +101,35 @@ class TwistdEndToEndTests(TestCase):
                 f"[database]\nschema = {schema}\n"
                 f"[http]\nendpoint = tcp:{httpPort}:interface=127.0.0.1\n"
             )
-        collect = _Collect()
-        process = reactor.spawnProcess(
-            collect, TWISTD,
-            [TWISTD, "-n", "--pidfile=", "ctrlgw", "--config", config, "--dsn", dsn],
-            env=self._env(), path=workdir,
+        child = TwistdProcess.spawn(
+            self, ["-n", "--pidfile=", "ctrlgw", "--config", config, "--dsn", dsn], workdir
         )
-        try:
-            await self._waitReady(httpPort, collect)
-            sock = await self._connect(port, collect)
-            now = int(reactor.seconds() * 1000)
-            lines = await deferToThread(self._converse, sock, now)
-            process.signalProcess(signal.SIGTERM)
-            farewell = await deferToThread(self._readUntilClosed, sock)
-            code = await collect.ended
-        finally:
-            if collect.ended.called is False:
-                process.signalProcess(signal.SIGKILL)
-                await collect.ended
-        self.assertEqual([m["type"] for m in lines], ["welcome", "ack"], collect.output)
+        # Hellos are refused until the database is up: wait for /readyz as a load
+        # balancer would.
+        await child.waitReady(httpPort)
+        sock = await self._connect(port, child)
+        now = int(reactor.seconds() * 1000)
+        lines = await deferToThread(self._converse, sock, now)
+        child.signal(signal.SIGTERM)
+        farewell = await deferToThread(self._readUntilClosed, sock)
+        code = await child.waitForExit()
+        self.assertEqual([m["type"] for m in lines], ["welcome", "ack"], child.text())
         self.assertEqual(lines[1]["ref"], "m-1")
         self.assertIn({"type": "bye", "reason": "shutdown"},
                       [{"type": m["type"], "reason": m.get("reason")} for m in farewell])
         # twistd ends itself with the signal it received, as a well-behaved daemon does.
-        self.assertIn(code, [(0, None), (None, signal.SIGTERM)], collect.output.decode(errors="replace"))
-        self.assertNotIn(b"Traceback", collect.output, collect.output.decode(errors="replace"))
+        self.assertIn(code, [(0, None), (None, signal.SIGTERM)], child.text())
+        self.assertNotIn(b"Traceback", child.output, child.text())
 
-    async def _waitReady(self, httpPort: int, collect: _Collect) -> None:
-        """
-        Hellos are refused until the database is up: wait for /readyz as a load balancer
-        would.
-        """
-        from twisted.web.client import Agent, readBody
-
-        agent = Agent(reactor)
-        for _ in range(300):
-            try:
-                response = await agent.request(b"GET", b"http://127.0.0.1:%d/readyz" % httpPort)
-                await readBody(response)
-                if response.code == 200:
-                    return
-            except Exception:
-                pass
-            if collect.ended.called:
-                self.fail(collect.output.decode(errors="replace"))
-            await deferLater(reactor, 0.1, lambda: None)
-        self.fail("never ready:\n" + collect.output.decode(errors="replace"))
-
-    async def _connect(self, port: int, collect: _Collect) -> socket.socket:
+    async def _connect(self, port: int, child: TwistdProcess) -> socket.socket:
         for _ in range(300):
             try:
                 return socket.create_connection(("127.0.0.1", port), timeout=10)
             except OSError:
-                if collect.ended.called:
-                    self.fail(collect.output.decode(errors="replace"))
+                if child.ended.called:
+                    self.fail(child.text())
                 await deferLater(reactor, 0.1, lambda: None)
-        self.fail("the gateway never listened:\n" + collect.output.decode(errors="replace"))
+        self.fail("the gateway never listened:\n" + child.text())
 
     @staticmethod
     def _converse(sock: socket.socket, now: int) -> list[dict[str, object]]:
@@ -225,16 +176,17 @@ class TwistdEndToEndTests(TestCase):
         self.assertIn(f"{bad}: [liveness] ping_interval:", lines[0])
         self.assertNotIn(b"Traceback", out + err)
 
-    async def _portInUse(self) -> None:
+    async def _portInUse(self, endpoint: str) -> None:
         taken = socket.socket()
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         self.addCleanup(taken.close)
         port = taken.getsockname()[1]
+        description = endpoint.format(port=port)
         config = os.path.join(tempfile.mkdtemp(prefix="ctrlgw-busy-"), "busy.ini")
         with open(config, "w") as f:
             f.write(
-                f"[listener:main]\nendpoint = tcp:{port}:interface=127.0.0.1\n"
+                f"[listener:main]\nendpoint = {description}\n"
                 f"[http]\nendpoint = tcp:0:interface=127.0.0.1\n"
             )
         out, err, code = await getProcessOutputAndValue(
@@ -243,15 +195,30 @@ class TwistdEndToEndTests(TestCase):
             env=self._env(), path=tempfile.gettempdir(),
         )
         self.assertEqual(code, 1, out + err)
-        self.assertIn(f"ctrlgw: listener main: cannot listen on tcp:{port}".encode(), out + err)
+        # One line, on standard error, once: not in the log (standard output here) too.
+        lines = err.decode().splitlines()
+        self.assertEqual(len(lines), 1, out + err)
+        self.assertTrue(
+            lines[0].startswith(f"ctrlgw: listener main: cannot listen on {description}: "),
+            lines[0],
+        )
+        self.assertNotIn(b"cannot listen", out)
         self.assertNotIn(b"Traceback", out + err)
 
     def test_portInUseStopsStartup(self) -> Deferred[None]:
         """
-        A listener that cannot bind stops start-up with one line and exit status 1,
-        instead of a gateway that runs without it.
+        A listener that cannot bind stops start-up with one line on standard error and
+        exit status 1, instead of a gateway that runs without it.
         """
-        return Deferred.fromCoroutine(self._portInUse())
+        return Deferred.fromCoroutine(self._portInUse("tcp:{port}:interface=127.0.0.1"))
+
+    def test_proxiedPortInUseStopsStartup(self) -> Deferred[None]:
+        """
+        So does a listener behind the PROXY protocol (C{haproxy:tcp:...}).
+        """
+        return Deferred.fromCoroutine(
+            self._portInUse("haproxy:tcp:{port}:interface=127.0.0.1")
+        )
 
     def test_helpAndConfigErrors(self) -> Deferred[None]:
         """
