@@ -23,11 +23,9 @@ from ctrlgw.config import parseDuration
 from ctrlgw.interfaces import Unavailable
 from ctrlgw.protocol.messages import COMMAND_ID, CONTROLLER_ID
 from ctrlgw.store.postgres import Store
+from ctrlgw.web import MAX_REQUEST_BODY
 
 log = Logger()
-
-
-_MAX_COMMAND_REQUEST = 1024 * 1024
 
 # A route handler gets the request and the path segments; it returns (status, body), or
 # None to pass the request on to the next route.
@@ -43,7 +41,8 @@ class ApiError(Exception):
 
 def isoTime(value: datetime | None) -> str | None:
     """
-    A time as the API and the ctrlgw command print it: ISO 8601, UTC, with a Z.
+    A time as the API and the ctrlgw command print it: RFC 3339, UTC, microseconds, with
+    a Z (C{2026-11-26T17:24:18.713376Z}), as the SQL API's C{rfc3339()} does.
     """
     if value is None:
         return None
@@ -56,15 +55,25 @@ def _jsonable(value: Any) -> Any:
     return isoTime(value) if isinstance(value, datetime) else value
 
 
-def presenceJson(row: tuple[Any, ...]) -> dict[str, Any]:
+_PRESENCE_COLUMNS = (
+    "controller", "online", "instance", "epoch", "session", "listener", "peer",
+    "connected_at", "last_seen_at", "disconnected_at", "disconnect_reason",
+)
+
+
+def presenceJson(controller: str, row: tuple[Any, ...] | None) -> dict[str, Any]:
     """
-    One row of L{Store.presence} as the API (and C{ctrlgw sessions --json}) shows it.
+    A controller's presence as C{GET /v1/controllers/...} and C{ctrlgw sessions --json}
+    show it: one row of L{Store.presence} with C{known} true, or, for a controller with no
+    row (it never connected), only C{controller}, C{online} and C{known}, both false.
     """
-    names = (
-        "controller", "online", "instance", "epoch", "session", "listener", "peer",
-        "connected_at", "last_seen_at", "disconnected_at", "disconnect_reason",
-    )
-    return {name: _jsonable(value) for name, value in zip(names, row, strict=True)}
+    if row is None:
+        return {"controller": controller, "online": False, "known": False}
+    presence = {
+        name: _jsonable(value) for name, value in zip(_PRESENCE_COLUMNS, row, strict=True)
+    }
+    presence["known"] = True
+    return presence
 
 
 def _finish(request: Request, status: int, body: object) -> None:
@@ -148,7 +157,7 @@ class ApiResource(Resource):
         if collection != "controllers":
             return None
         rows = await self.store.presence(None)
-        return 200, {"controllers": [presenceJson(row) for row in rows]}
+        return 200, {"controllers": [presenceJson(row[0], row) for row in rows]}
 
     async def getController(
         self, request: Request, collection: str, controller: str
@@ -158,9 +167,7 @@ class ApiResource(Resource):
         if not CONTROLLER_ID.fullmatch(controller):
             raise ApiError(400, "not a controller id")
         rows = await self.store.presence(controller)
-        if not rows:
-            return 200, {"controller": controller, "online": False, "known": False}
-        return 200, dict(presenceJson(rows[0]), known=True)
+        return 200, presenceJson(controller, rows[0] if rows else None)
 
     # --- commands ---
 
@@ -186,8 +193,8 @@ class ApiResource(Resource):
         # Twisted annotates Request.content by its class default, None; gotLength sets the
         # body file (its documented type is BinaryIO) before the request is rendered.
         content = cast(BinaryIO, request.content)
-        raw = content.read(_MAX_COMMAND_REQUEST + 1)
-        if len(raw) > _MAX_COMMAND_REQUEST:
+        raw = content.read(MAX_REQUEST_BODY + 1)
+        if len(raw) > MAX_REQUEST_BODY:
             raise ApiError(413, "request body too large")
         try:
             payload = json.loads(raw or b"null")

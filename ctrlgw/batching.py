@@ -5,7 +5,8 @@ Callers L{BatchWriter.add} one item and get a Deferred; the writer gathers items
 them to a flush function one batch at a time -- when a batch is full, or C{interval} after
 the first item arrived -- so the database sees one statement per batch, never one
 round-trip per item.  A failed flush keeps its items, in order, and is retried with backoff;
-nothing is dropped and nothing is confirmed before its batch succeeded.  A batch that fails
+nothing is dropped and nothing is confirmed before its batch succeeded (with C{retry=False},
+a failed batch fails each of its items instead).  A batch that fails
 because the database rejects one of its rows (C{isolate} says which errors mean that) is
 halved until that row is alone: it fails by itself with L{Rejected}, and every other row is
 written, so one poison row never holds up the rest.  Past C{maxBuffered}
@@ -55,6 +56,7 @@ class BatchWriter(Generic[T]):
         name: str = "batch",
         isolate: Callable[[BaseException], bool] = lambda error: False,
         onRejected: Callable[[], object] = lambda: None,
+        retry: bool = True,
     ) -> None:
         self.clock = clock
         self._flush = flush
@@ -66,6 +68,7 @@ class BatchWriter(Generic[T]):
         self.name = name
         self._isolate = isolate
         self._onRejected = onRejected
+        self._retryFailed = retry
         self._onBufferedChanged = onBufferedChanged
         self._queue: deque[tuple[T, Deferred[object]]] = deque()
         self._inFlight = 0
@@ -160,6 +163,13 @@ class BatchWriter(Generic[T]):
             for _, d in batch:
                 d.errback(Failure(Unavailable("shutting down")))
             self._onBufferedChanged(len(self))
+            return
+        if not self._retryFailed:
+            # The callers decide what a failure means (a claim is refused, not re-run).
+            self._onBufferedChanged(len(self))
+            for _, d in batch:
+                d.errback(failure)
+            self._next()
             return
         self._queue.extendleft(reversed(batch))
         self._retryDelay = min(self.retryMax, max(self.retryMin, self._retryDelay * 2))

@@ -27,6 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
+from ctrlgw import sim
 from ctrlgw.api import isoTime, presenceJson
 from ctrlgw.auth import hashToken, newToken
 from ctrlgw.config import ConfigError, Overrides, loadConfig, parseDuration, parseIdentifier
@@ -130,7 +131,7 @@ def makeParser() -> argparse.ArgumentParser:
     add = actions.add_parser(
         "add",
         parents=after,
-        help="register a controller (or re-key it) with a new token, shown once",
+        help="register a controller (or re-key it: its session ends) with a new token, shown once",
     )
     add.add_argument("controller", metavar="ID")
     add.add_argument("--note", default="", help="free text stored with the controller")
@@ -138,7 +139,9 @@ def makeParser() -> argparse.ArgumentParser:
 
     for name, enabled in (("disable", False), ("enable", True)):
         action = actions.add_parser(
-            name, parents=after, help=f"{name} a controller (effective at its next hello)"
+            name, parents=after,
+            help="disable a controller: its session ends at once, its hellos are refused"
+            if name == "disable" else "enable a controller (admitted at its next hello)",
         )
         action.add_argument("controller", metavar="ID")
         action.set_defaults(handler=_setEnabled, enabled=enabled, needsSchema=True)
@@ -200,6 +203,13 @@ def makeParser() -> argparse.ArgumentParser:
     talkParser.add_argument("--no-ack", dest="autoAck", action="store_false",
                             help="do not ack commands (answer them by hand)")
     talkParser.set_defaults(handler=None, needsSchema=False)
+
+    simParser = commands.add_parser(
+        "sim", parents=after,
+        help="simulate a fleet of controllers against one or more gateway endpoints",
+    )
+    sim.addArguments(simParser)
+    simParser.set_defaults(handler=None, needsSchema=False)
     return parser
 
 
@@ -258,6 +268,8 @@ async def run(
     try:
         if parsed.command == "talk":
             return await _talk(reactor, parsed, out)
+        if parsed.command == "sim":
+            return await sim.simCommand(reactor, parsed, out, err)
         return await _execute(reactor, parsed, out, err)
     except ConfigError as e:
         err.write(f"ctrlgw: {e}\n")
@@ -508,9 +520,8 @@ async def _history(ctx: Context) -> int:
 
 async def _sessions(ctx: Context) -> int:
     rows = await ctx.store.presence(ctx.args.controller)
-    presence = [presenceJson(row) for row in rows]
     if ctx.args.json:
-        _writeJson(ctx.out, presence)
+        _writeJson(ctx.out, [presenceJson(row[0], row) for row in rows])
         return EXIT_OK
     if not rows:
         ctx.out.write("no sessions\n" if ctx.args.controller is None

@@ -92,7 +92,17 @@ class Cluster:
         self.ownership.admitting = True
 
     async def heartbeat(self) -> None:
+        """
+        Refresh this instance's heartbeat, then take offline the sessions of instances
+        whose heartbeat is older than C{instance_ttl} (crashed, or cut off): their sent
+        commands go back to pending at once, and no row stays owned by the dead.
+        """
         await self.store.heartbeat(socket.gethostname(), os.getpid())
+        reaped = await self.store.reapDeadInstances()
+        if reaped:
+            self.metrics.sessionsReaped.inc(reaped)
+            log.warn("{count} sessions of instances silent for over {ttl:g}s marked offline",
+                     count=reaped, ttl=self.config.instance_ttl)
 
     async def unregister(self) -> None:
         if self.registered:

@@ -239,6 +239,8 @@ _LISTENER_KEYS: tuple[Key, ...] = (
     # The gateway's own frames must always fit: an ack or error echoes an id of up to
     # 128 characters (512 bytes of UTF-8).
     Key("max_frame", inRange(parseInt, 1024, 16 * 1024 * 1024), "65536"),
+    # 0: unlimited.  The default leaves 1000 descriptors of a 20000 ulimit -n for the rest.
+    Key("max_connections", inRange(parseInt, 0, 1_000_000), "19000"),
 )
 
 
@@ -258,6 +260,7 @@ class ListenerConfig:
     endpoint: str
     framing: str
     max_frame: int
+    max_connections: int
     makeFraming: Callable[[], IFraming] = field(compare=False, repr=False)
 
 

@@ -29,6 +29,12 @@ class Metrics:
         self.connectionsTotal = Counter(
             "ctrlgw_connections_total", "Accepted controller connections.", ["listener"], registry=r
         )
+        self.connectionsRefused = Counter(
+            "ctrlgw_connections_refused_total",
+            "Connections accepted and closed at once, by listener and reason (max_connections).",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.disconnects = Counter(
             "ctrlgw_disconnects_total", "Closed controller connections by reason.", ["reason"],
             registry=r,
@@ -90,6 +96,12 @@ class Metrics:
         self.reconcileAborts = Counter(
             "ctrlgw_reconcile_aborts_total",
             "Local connections dropped by reconciliation (their session was no longer ours).",
+            registry=r,
+        )
+        self.sessionsReaped = Counter(
+            "ctrlgw_sessions_reaped_total",
+            "Sessions of instances silent for over instance_ttl that this instance marked"
+            " offline (reason instance_dead).",
             registry=r,
         )
         self.reconcileRounds = Counter(
@@ -214,6 +226,19 @@ class Metrics:
         # Auth and history.
         self.authFailures = Counter(
             "ctrlgw_auth_failures_total", "Refused hellos by reason.", ["reason"], registry=r
+        )
+        self.revocations = Counter(
+            "ctrlgw_revocations_total",
+            "Sessions ended here because their controller was disabled, re-keyed or deleted,"
+            " by how it was found: notified (the revocation's notification), checked (a"
+            " check of every local connection, after a '*' notification) or claim (a hello"
+            " whose claim raced the revocation).",
+            ["scope"],
+            registry=r,
+        )
+        self.revocationNotifications = Counter(
+            "ctrlgw_revocation_notifications_total", "Revocation notifications received.",
+            registry=r,
         )
         self.eventsDropped = Counter(
             "ctrlgw_events_dropped_total",

@@ -9,6 +9,8 @@ cluster-wide.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
+from typing import cast
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -20,7 +22,7 @@ from ctrlgw.batching import BatchWriter
 from ctrlgw.config import AuthConfig
 from ctrlgw.interfaces import AuthFailed, IOwnership, Session, Unavailable
 from ctrlgw.metrics import Metrics
-from ctrlgw.store.postgres import Event, Store, rejectsRow
+from ctrlgw.store.postgres import Claim, Event, Store, rejectsRow
 
 log = Logger()
 
@@ -76,6 +78,40 @@ class EventLog:
         self._writer.abandon()
 
 
+# A controller id is refused (rate_limited) after this many times [auth] max_failures
+# failed hellos for it within failure_window, from any hosts.
+PER_CONTROLLER_FAILURES = 4
+
+
+class _Flight:
+    """
+    One claim in flight; C{revoked} once its controller was revoked meanwhile.
+    """
+
+    __slots__ = ("revoked",)
+
+    def __init__(self) -> None:
+        self.revoked = False
+
+
+# A controller's token hash and whether it is enabled; None if it is not registered.
+_Credentials = tuple[bytes, bool] | None
+
+
+def _refusal(token: str | None, credentials: _Credentials) -> str | None:
+    """
+    Why C{token} does not admit a controller with C{credentials} (token hash, enabled),
+    or C{None} if it does.
+    """
+    if credentials is None:
+        return "unknown_controller"
+    if not tokenMatches(token, credentials[0]):
+        return "bad_token"
+    if not credentials[1]:
+        return "disabled"
+    return None
+
+
 @implementer(IOwnership)
 class PostgresOwnership:
     """
@@ -98,11 +134,35 @@ class PostgresOwnership:
         self.events = events
         self.auth = auth
         self.metrics = metrics
+        # Failures are counted per peer host and per controller id: a guesser spreading
+        # its hellos over many addresses is limited all the same.  An id allows more
+        # (PER_CONTROLLER_FAILURES times as many), since while it is blocked its own
+        # device is refused too.
         self.limiter = FailureLimiter(clock, auth.max_failures, auth.failure_window)
+        self.idLimiter = FailureLimiter(
+            clock, auth.max_failures * PER_CONTROLLER_FAILURES, auth.failure_window
+        )
         # Claims wait until the cluster has registered this instance (and cleaned up what
         # an earlier run under the same id left behind).
         self.admitting = admitting
-        self._inFlight: dict[str, int] = {}
+        # The claims started here and not yet handed to their connection, per controller.
+        self._inFlight: dict[str, list[_Flight]] = {}
+        # Credentials are read in batches too: once before the claim, and once after it
+        # has committed (under a share lock, against revocations racing the claim).
+        self._lookups: BatchWriter[str] = BatchWriter(
+            clock, store.lookupCredentials, batchSize=500, interval=0.0, maxBuffered=100_000,
+            name="credential look-ups", retry=False,
+        )
+        self._rechecks: BatchWriter[str] = BatchWriter(
+            clock, store.recheckCredentials, batchSize=500, interval=0.0, maxBuffered=100_000,
+            name="credential re-checks", retry=False,
+        )
+        # Hellos that arrive together are claimed in one statement; one that fails is
+        # refused (the controller retries), never claimed again behind its back.
+        self._claims: BatchWriter[tuple[str, str, str]] = BatchWriter(
+            clock, store.claimSessions, batchSize=500, interval=0.0, maxBuffered=100_000,
+            name="session claims", retry=False,
+        )
         self._releases: BatchWriter[tuple[str, int, str]] = BatchWriter(
             clock, store.releaseSessions,
             batchSize=500, interval=0.01, maxBuffered=100_000, name="session releases",
@@ -120,18 +180,35 @@ class PostgresOwnership:
         """
         return controller in self._inFlight
 
+    def revokeInFlight(self, controllers: Iterable[str] | None) -> None:
+        """
+        The credentials of C{controllers} (C{None}: of any controller) were revoked: the
+        claims in flight for them must not become sessions, whatever their look-up read.
+        """
+        if controllers is None:
+            flights: Iterable[list[_Flight]] = self._inFlight.values()
+        else:
+            flights = [self._inFlight[c] for c in controllers if c in self._inFlight]
+        for group in flights:
+            for flight in group:
+                flight.revoked = True
+
     async def _claim(self, controller: str, token: str | None, listener: str, peer: str) -> Session:
         if not self.admitting:
             raise Unavailable("the instance is not registered in the cluster yet")
-        self._inFlight[controller] = self._inFlight.get(controller, 0) + 1
+        flight = _Flight()
+        self._inFlight.setdefault(controller, []).append(flight)
         try:
             if self.auth.mode == "token":
                 await self._authenticate(controller, token, peer)
-            claim = await self.store.claimSession(controller, listener, peer)
+            claim = cast(Claim, await self._claims.add((controller, listener, peer)))
+            if not claim.refused:
+                await self._stillAdmitted(controller, token, peer, claim.epoch, flight)
         finally:
-            remaining = self._inFlight.pop(controller) - 1
-            if remaining:
-                self._inFlight[controller] = remaining
+            group = self._inFlight[controller]
+            group.remove(flight)
+            if not group:
+                del self._inFlight[controller]
         if claim.flapping:
             self.metrics.flapping.inc()
             log.warn(
@@ -153,28 +230,54 @@ class PostgresOwnership:
 
     async def _authenticate(self, controller: str, token: str | None, peer: str) -> None:
         host = peer.rsplit(":", 1)[0]
-        if self.limiter.blocked(host):
+        reason: str | None
+        if self.limiter.blocked(host) or self.idLimiter.blocked(controller):
             reason = "rate_limited"
         else:
             # Counted as a failure until it has succeeded, so that many hellos in flight
             # at once cannot all get past the limit.
             self.limiter.record(host)
+            self.idLimiter.record(controller)
             try:
-                credentials = await self.store.controllerCredentials(controller)
+                credentials = cast(_Credentials, await self._lookups.add(controller))
             except BaseException:
                 self.limiter.forgive(host)
+                self.idLimiter.forgive(controller)
                 raise
-            if credentials is None:
-                reason = "unknown_controller"
-            elif not tokenMatches(token, credentials[0]):
-                reason = "bad_token"
-            elif not credentials[1]:
-                reason = "disabled"
-            else:
+            reason = _refusal(token, credentials)
+            if reason is None:
                 self.limiter.forgive(host)
+                self.idLimiter.forgive(controller)
                 return
         self.events.record(controller, "auth_failed", reason, None, peer)
         raise AuthFailed(reason)
+
+    async def _stillAdmitted(
+        self, controller: str, token: str | None, peer: str, epoch: int, flight: _Flight
+    ) -> None:
+        """
+        After the claim has committed: refuse the new session if the controller was
+        revoked meanwhile.  In token mode its credentials are read again (under a share
+        lock, so a revocation either is seen here or ends the committed session itself);
+        in any mode, a revocation notified while the claim was in flight counts.
+        """
+        reason: str | None = None
+        if self.auth.mode == "token":
+            try:
+                reason = _refusal(token, cast(_Credentials, await self._rechecks.add(controller)))
+            except BaseException:
+                self.releaseRow(controller, epoch, "claim_failed")
+                raise
+        if reason is None and not flight.revoked:
+            return
+        self.metrics.revocations.labels("claim").inc()
+        self.releaseRow(controller, epoch, "revoked")
+        if reason is not None:
+            self.events.record(controller, "auth_failed", "revoked", epoch, peer)
+            raise AuthFailed("revoked")
+        # The credentials it read may be the new ones: let it try again at once.
+        self.events.record(controller, "refused", "revoked", epoch, peer)
+        raise Unavailable("this controller's credentials changed during its hello; retry")
 
     def release(self, session: Session, reason: str) -> None:
         self.events.record(session.controller, "disconnect", reason, session.epoch, session.peer)
@@ -195,6 +298,10 @@ class PostgresOwnership:
 
     def abandon(self) -> None:
         """
-        Stop retrying releases (reconciliation marks those rows offline later).
+        Stop retrying releases (reconciliation marks those rows offline later), and refuse
+        the claims still waiting.
         """
         self._releases.abandon()
+        self._claims.abandon()
+        self._lookups.abandon()
+        self._rechecks.abandon()

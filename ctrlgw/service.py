@@ -48,6 +48,7 @@ from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.connection import ConnectionContext
 from ctrlgw.protocol.factory import ControllerFactory
 from ctrlgw.registry import ConnectionRegistry
+from ctrlgw.revocation import Revocations
 from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import EmbeddedPostgres
 from ctrlgw.store.listen import NotificationListener
@@ -163,6 +164,10 @@ def _plan(reactor: Any, description: str, factory: Any) -> _Plan | None:
     return dryRun.plan
 
 
+# The smallest listen backlog of a controller port (the kernel caps it at somaxconn).
+MIN_BACKLOG = 4096
+
+
 def _bindWithoutListening(interface: str, port: int) -> socket.socket:
     """
     A socket bound as Twisted's own TCP port binds it (C{SO_REUSEADDR} on POSIX), without
@@ -274,7 +279,9 @@ class ListenerService(Service):
             d.addCallbacks(self._listening, lambda f: self._cannotListen(f.getErrorMessage()))
             return
         try:
-            sock.listen(self._plan.backlog)
+            # Twisted's default backlog (50) overflows in a connect storm: the kernel then
+            # drops SYNs and each controller retries after 1 s, 3 s, 7 s...
+            sock.listen(max(self._plan.backlog, MIN_BACKLOG))
             port = self.reactor.adoptStreamPort(sock.fileno(), sock.family, self._plan.factory)
         except Exception as e:
             self._cannotListen(str(e) or type(e).__name__)
@@ -640,6 +647,9 @@ class Gateway:
             reactor, self.store, self.registry, self.ownership, cluster, self.metrics,
             self.notifications, lambda: self.instanceSkew,
         )
+        self.revocations = Revocations(
+            reactor, self.store, self.registry, self.ownership, self.metrics, self.notifications
+        )
         self.notifications.subscribe(
             commandsChannel(self.db.schema), self.outbox.doorbell,
             lambda: self.outbox.wake(None, "poll"),
@@ -660,7 +670,7 @@ class Gateway:
         self.listeners = [
             ListenerService(
                 reactor, listener.endpoint,
-                ControllerFactory(self.context, listener.name, listener.makeFraming),
+                ControllerFactory.fromConfig(self.context, listener),
                 f"listener {listener.name}", name=f"listener:{listener.name}",
                 ready=self.membership.whenJoined, fatal=fatal,
             )

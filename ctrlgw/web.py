@@ -76,13 +76,22 @@ class ReadyResource(Resource):
         )
 
 
+# The largest request body the HTTP listener accepts, on every path: a command request's
+# body (docs/sending-commands.md) is at most this.
+MAX_REQUEST_BODY = 1024 * 1024
+
+_TOO_LARGE = json.dumps({"error": "request body too large"}, sort_keys=True).encode() + b"\n"
+
+
 class BoundedRequest(Request):
     """
     A request whose body may not exceed C{maxBody} bytes.  Twisted reads a body before
-    any resource (or token check) sees the request: refuse a large one as it arrives.
+    any resource (or token check) sees the request, so a larger one is refused as it
+    arrives, before the token is checked: 413 with the API's JSON error body, and the
+    connection is closed.
     """
 
-    maxBody = 1024 * 1024 + 4096
+    maxBody = MAX_REQUEST_BODY
     _received = 0
     _refused = False
 
@@ -107,11 +116,16 @@ class BoundedRequest(Request):
 
     def _refuse(self) -> None:
         self._refused = True
+        # The channel answers "Expect: 100-continue" right after gotLength: not now.
+        self.requestHeaders.removeHeader(b"expect")
         transport = self.channel.transport if self.channel is not None else None
         if transport is not None:
             transport.write(
-                b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n"
-                b"Connection: close\r\n\r\n"
+                b"HTTP/1.1 413 Payload Too Large\r\n"
+                b"Content-Type: application/json\r\n"
+                b"Cache-Control: no-store\r\n"
+                b"Content-Length: %d\r\n"
+                b"Connection: close\r\n\r\n%s" % (len(_TOO_LARGE), _TOO_LARGE)
             )
             transport.loseConnection()
 

@@ -11,6 +11,7 @@ import hashlib
 import ipaddress
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +152,9 @@ class CountingStore(Store):
         super().__init__(*args, **kwargs)
         self.lookups = 0
 
-    async def controllerCredentials(self, controller: str) -> tuple[bytes, bool] | None:
-        self.lookups += 1
-        return await super().controllerCredentials(controller)
+    async def lookupCredentials(self, controllers: Sequence[str]) -> list[object]:
+        self.lookups += len(controllers)
+        return await super().lookupCredentials(controllers)
 
 
 class TokenOwnershipTests(PostgresTestCase):
@@ -250,6 +251,31 @@ class TokenOwnershipTests(PostgresTestCase):
         self.assertFalse(self.ownership.limiter.blocked("198.51.100.10"))
 
     @deferred
+    async def test_lookupsBatched(self) -> None:
+        """
+        Hellos that arrive together read their credentials in one statement before their
+        claims and re-check them in one statement after.
+        """
+        ids = [f"batch-{i}" for i in range(20)]
+        for controller in ids:
+            await self.store.addController(controller, hashToken(self.token), "")
+
+        def statements(name: str) -> float:
+            return self.metrics.registry.get_sample_value(
+                "ctrlgw_db_query_seconds_count", {"query": name}
+            ) or 0.0
+
+        before = {n: statements(n) for n in ("controller_credentials_batch",
+                                              "controller_credentials_recheck")}
+        sessions = await gatherResults([
+            self.ownership.claim(c, self.token, "main", f"192.0.2.{i}:1")
+            for i, c in enumerate(ids)
+        ])
+        self.assertEqual(sorted(s.controller for s in sessions), sorted(ids))
+        self.assertEqual({n: statements(n) - before[n] for n in before},
+                         {n: 1.0 for n in before})
+
+    @deferred
     async def test_authFailedEvents(self) -> None:
         """
         Every refusal is recorded as an C{auth_failed} event with its reason and peer.
@@ -266,7 +292,11 @@ class TokenOwnershipTests(PostgresTestCase):
                 ("auth_failed", "bad_token", "192.0.2.1:1"),
             ],
         )
-        self.assertEqual(await self.history("off"), [("auth_failed", "disabled", "192.0.2.1:2")])
+        # Disabling it (in setUp) is in its history too.
+        self.assertEqual(
+            await self.history("off"),
+            [("auth_failed", "disabled", "192.0.2.1:2"), ("revoked", "disabled", "")],
+        )
 
     @deferred
     async def test_noTokenMode(self) -> None:

@@ -28,7 +28,7 @@ from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from ctrlgw.metrics import Metrics
-from ctrlgw.service import Gateway, ListenerService
+from ctrlgw.service import MIN_BACKLOG, Gateway, ListenerService
 from ctrlgw.store.database import Database
 from ctrlgw.store.migrate import applyMigrations
 from tests.gateways import (
@@ -169,6 +169,27 @@ class ListenerServiceTests(TestCase):
         self.assertFalse(await connectionRefused(port))
         self.assertEqual(fatal, [])
         self.assertEqual(service.check(), (True, str(service.port.getHost())))  # type: ignore[union-attr]
+
+    @deferred
+    async def test_backlogHoldsAConnectStorm(self) -> None:
+        """
+        The port listens with a backlog of at least MIN_BACKLOG, as the kernel reports it
+        (C{ss}: Send-Q of a listening socket), not Twisted's default of 50, which
+        overflows when a fleet reconnects at once.
+        """
+        if shutil.which("ss") is None:
+            self.skipTest("ss (iproute2) is not installed")
+        port, ready, fatal = freePort(), Deferred[None](), []
+        service = self.listener(port, ready, fatal)
+        service.privilegedStartService()
+        service.startService()
+        ready.callback(None)
+        listing = subprocess.run(
+            ["ss", "-ltnH", f"sport = :{port}"], capture_output=True, text=True, check=True
+        ).stdout.split()
+        somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+        self.assertEqual(int(listing[2]), min(MIN_BACKLOG, somaxconn))
+        self.assertGreater(int(listing[2]), 50)
 
     @deferred
     async def test_stopBeforeReady(self) -> None:

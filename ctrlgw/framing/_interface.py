@@ -158,6 +158,15 @@ class FramingBase:
             )
         return self.encode(payload)
 
+    @property
+    def buffered(self) -> int:
+        """
+        The bytes this parser holds between calls to C{feed} (for tests and
+        bounds checks): never more than C{maxFrame} plus the framing's header
+        and trailer bytes.
+        """
+        raise NotImplementedError
+
     def framesFrom(self, data: bytes) -> list[bytes]:
         """
         Parse C{data}, which follows everything passed before.
@@ -201,6 +210,10 @@ class LengthPrefixedFraming(FramingBase):
         self._bodyLength: int | None = None
         self._bodyChunks: list[bytes] = []
         self._bodyMissing = 0
+
+    @property
+    def buffered(self) -> int:
+        return len(self._header) + sum(len(chunk) for chunk in self._bodyChunks)
 
     def parseHeader(self, header: bytes) -> tuple[int, int] | None:
         """

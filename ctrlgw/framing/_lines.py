@@ -27,6 +27,10 @@ class LinesFraming(FramingBase):
         self._partialChunks: list[bytes] = []
         self._partialLength = 0
 
+    @property
+    def buffered(self) -> int:
+        return self._partialLength
+
     def framesFrom(self, data: bytes) -> list[bytes]:
         if b"\n" not in data:
             if data:

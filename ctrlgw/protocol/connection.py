@@ -9,7 +9,8 @@ clock at the moment they are written.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, cast
@@ -65,8 +66,55 @@ def _flowControl(transport: object) -> _FlowControl:
 
 
 _MAX_DETAIL = 200
+# The largest ts (and pong echo) accepted: PostgreSQL's bigint.  A longer integer would be
+# echoed in a pong that no longer fits a frame.
+MAX_TS = 2**63 - 1
 _PAUSED_BY_WRITES = "writes"
 _PAUSED_BY_INBOX = "inbox"
+
+
+class _PendingFrames:
+    """
+    Frames waiting to be handled, packed as one buffer and their lengths: a read of 64 KiB
+    of one-byte lines is 32,768 frames, which as separate bytes objects would take a
+    megabyte, and here takes 192 KiB.
+    """
+
+    def __init__(self) -> None:
+        self._data = b""
+        self._lengths = array("L")
+        self._index = 0
+        self._offset = 0
+
+    def __len__(self) -> int:
+        return len(self._lengths) - self._index
+
+    @property
+    def size(self) -> int:
+        """
+        The payload bytes waiting.
+        """
+        return len(self._data) - self._offset
+
+    def extend(self, frames: Sequence[bytes]) -> None:
+        self._data = self._data[self._offset :] + b"".join(frames)
+        self._lengths = self._lengths[self._index :]
+        self._lengths.extend(len(frame) for frame in frames)
+        self._index = self._offset = 0
+
+    def popleft(self) -> bytes:
+        end = self._offset + self._lengths[self._index]
+        payload = self._data[self._offset : end]
+        self._index += 1
+        self._offset = end
+        if self._index == len(self._lengths):
+            self.clear()
+        return payload
+
+    def clear(self) -> None:
+        self._data = b""
+        self._lengths = array("L")
+        self._index = self._offset = 0
 
 
 class State(Enum):
@@ -95,6 +143,8 @@ class ConnectionContext:
     # Messages one connection may have waiting for their commit before we stop reading it.
     maxUnacked: int = 1000
     connections: set[ControllerProtocol] = field(default_factory=set)
+    # Open connections per listener, for its max_connections.
+    openByListener: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Label lookups are cached: they are on the per-frame path.
@@ -138,6 +188,9 @@ class ControllerProtocol(Protocol):
         self._lastPingTs: int | None = None
         self._unacked = 0
         self._pausedBy: set[str] = set()
+        # Frames parsed but not yet handled because the controller stopped reading what
+        # we write: never more than one read's worth, handled when its reading resumes.
+        self._pending = _PendingFrames()
 
     @property
     def peer(self) -> str:
@@ -159,6 +212,14 @@ class ControllerProtocol(Protocol):
         return _PAUSED_BY_WRITES in self._pausedBy
 
     @property
+    def pendingBytes(self) -> int:
+        """
+        Payload bytes received and parsed but not yet handled, because the controller is
+        not reading what we write: at most one read's worth.
+        """
+        return self._pending.size
+
+    @property
     def lastHeard(self) -> float:
         """
         When the last frame arrived (clock seconds).
@@ -170,6 +231,7 @@ class ControllerProtocol(Protocol):
     def connectionMade(self) -> None:
         ctx = self.context
         ctx.connections.add(self)
+        ctx.openByListener[self.listener] = ctx.openByListener.get(self.listener, 0) + 1
         ctx.metrics.connections.labels(self.listener).inc()
         ctx.metrics.connectionsTotal.labels(self.listener).inc()
         transport = self.transport
@@ -193,20 +255,54 @@ class ControllerProtocol(Protocol):
             return
         if frames:
             self._lastHeard = self.context.clock.seconds()
-        for index, payload in enumerate(frames):
-            if self.state is State.CLOSED:
-                self.context.metrics.framesDropped.inc(len(frames) - index)
+            if self._pending:
+                # Still waiting for the controller to read (a TLS transport may hand us
+                # what it had decrypted): these queue behind the others.
+                self._pending.extend(frames)
+                self._handlePending()
                 return
+            for index, payload in enumerate(frames):
+                if self.state is State.CLOSED:
+                    self.context.metrics.framesDropped.inc(len(frames) - index)
+                    return
+                if self.writesPaused:
+                    # Answers go out as frames are handled; a controller that does not
+                    # read them must not make us buffer the answers to all it sent: the
+                    # rest of this read waits until what we wrote drains.
+                    self._pending.extend(frames[index:])
+                    return
+                self._handleFrame(payload)
+
+    def _handlePending(self) -> None:
+        pending = self._pending
+        while pending and not self.writesPaused:
+            if self.state is State.CLOSED:
+                self.context.metrics.framesDropped.inc(len(pending))
+                pending.clear()
+                return
+            self._handleFrame(pending.popleft())
+
+    def _handleFrame(self, payload: bytes) -> None:
+        try:
             self._frameReceived(payload)
+        except Exception:
+            # A bug must cost this connection, never the process or the other peers.
+            log.failure("handling a frame failed; aborting the connection")
+            self._pending.clear()
+            self._finish(v1.BYE_PROTOCOL_ERROR)
+            if self.transport is not None:
+                self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         ctx = self.context
         self._cancelTimer()
+        self._pending.clear()
         if self._abortCall is not None and self._abortCall.active():
             self._abortCall.cancel()
         if self.state is not State.CLOSED:
             self._finish(PEER_CLOSED)
         ctx.connections.discard(self)
+        ctx.openByListener[self.listener] = ctx.openByListener.get(self.listener, 1) - 1
         ctx.metrics.connections.labels(self.listener).dec()
         ctx.metrics.disconnects.labels(self.closeReason or PEER_CLOSED).inc()
 
@@ -232,6 +328,15 @@ class ControllerProtocol(Protocol):
                 self._fail(e.code, e.detail, e.ref)
             else:
                 self._sendError(e.code, e.detail, e.ref)
+            return
+        if message.ts > MAX_TS or isinstance(message, v1.Pong) and message.echo > MAX_TS:
+            ctx.framesIn["invalid"].inc()
+            ref = message.id if isinstance(message, v1.Msg) else None
+            detail = f"'ts' and 'echo' must be integers of at most {MAX_TS}"
+            if self.state is State.AWAITING_HELLO:
+                self._fail(v1.BAD_MESSAGE, detail, ref)
+            else:
+                self._sendError(v1.BAD_MESSAGE, detail, ref)
             return
         ctx.framesInByClass[type(message)].inc()
 
@@ -458,8 +563,19 @@ class ControllerProtocol(Protocol):
 
     def _sendError(self, code: str, detail: str, ref: str | None = None) -> None:
         self.context.metrics.frameErrors.labels(code).inc()
-        # Details quote parser messages of any length; the frame must fit max_frame.
-        self._send("error", code=code, ref=ref, detail=detail[:_MAX_DETAIL])
+        # Details quote parser messages of any length, and a ref of 128 characters that
+        # need escaping takes 768 bytes: the frame must fit max_frame all the same, so the
+        # detail goes first, then the ref.  The code is what counts.
+        for fields in (
+            {"ref": ref, "detail": detail[:_MAX_DETAIL]},
+            {"ref": ref, "detail": ""},
+            {"ref": None, "detail": ""},
+        ):
+            try:
+                self._send("error", code=code, **fields)
+            except FramingError:
+                continue
+            return
 
     def _fail(
         self, code: str, detail: str, ref: str | None = None, bye: str = v1.BYE_PROTOCOL_ERROR
@@ -514,6 +630,7 @@ class ControllerProtocol(Protocol):
 
     def resumeProducing(self) -> None:
         self._resumeReading(_PAUSED_BY_WRITES)
+        self._handlePending()
         if self.state is State.LIVE and self.session is not None:
             # Commands held back while the controller was not reading may go now.
             self.context.settler.sessionStarted(self.session)
@@ -534,6 +651,9 @@ class ControllerProtocol(Protocol):
             _flowControl(self.transport).resumeProducing()
 
     def _finish(self, reason: str) -> None:
+        if self._pending:
+            self.context.metrics.framesDropped.inc(len(self._pending))
+            self._pending.clear()
         wasLive = self.state is State.LIVE
         self.state = State.CLOSED
         self.closeReason = reason

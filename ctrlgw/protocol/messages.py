@@ -44,6 +44,7 @@ BYE_SHUTDOWN = "shutdown"
 BYE_IDLE_TIMEOUT = "idle_timeout"
 BYE_PROTOCOL_ERROR = "protocol_error"
 BYE_UNAVAILABLE = "unavailable"
+BYE_REVOKED = "revoked"
 
 
 class ProtocolError(Exception):

@@ -107,13 +107,13 @@ SELECT c.controller_id, c.message_id, i.message_id IS NOT NULL
 FROM current c LEFT JOIN inserted i USING (controller_id, message_id)
 """
 
-_CLAIM = """
-SELECT new_epoch, previous_instance, previous_epoch, previous_online, flapping, refused,
+_CLAIM_MANY = """
+SELECT n, new_epoch, previous_instance, previous_epoch, previous_online, flapping, refused,
        extract(epoch FROM blocked_until)::float8
-FROM claim_session(%(controller)s, %(session)s, %(instance)s, %(listener)s, %(peer)s,
-                   %(flapThreshold)s, make_interval(secs => %(flapWindow)s),
-                   make_interval(secs => %(flapCooldown)s), %(refuseFlapping)s,
-                   make_interval(secs => %(instanceTtl)s))
+FROM claim_sessions(%(controllers)s::text[], %(sessions)s::uuid[], %(instance)s,
+                    %(listeners)s::text[], %(peers)s::text[], %(flapThreshold)s,
+                    make_interval(secs => %(flapWindow)s), make_interval(secs => %(flapCooldown)s),
+                    %(refuseFlapping)s, make_interval(secs => %(instanceTtl)s))
 """
 
 _RECONCILE_LOCAL = """
@@ -160,6 +160,24 @@ WITH cleaned AS (
         host = EXCLUDED.host, pid = EXCLUDED.pid
 )
 SELECT count(*) FROM cleaned
+"""
+
+# Uses the partial index sessions_online_by_instance; costs what the dead instances held.
+_REAP_DEAD_INSTANCES = """
+WITH dead AS (
+    SELECT instance_id FROM instances
+    WHERE heartbeat_at < now() - make_interval(secs => %(ttl)s) AND instance_id <> %(instance)s
+    FOR UPDATE SKIP LOCKED
+), released AS (
+    UPDATE sessions s SET online = false, disconnected_at = now(),
+        disconnect_reason = 'instance_dead'
+    FROM dead WHERE s.instance_id = dead.instance_id AND s.online
+    RETURNING 1
+), gone AS (
+    -- An instance that was only cut off re-creates its row with its next heartbeat.
+    DELETE FROM instances i USING dead WHERE i.instance_id = dead.instance_id
+)
+SELECT count(*) FROM released
 """
 
 _PRESENCE = """
@@ -391,16 +409,23 @@ class Store:
         return [outcome.get((r.controller, r.messageId), fenced) for r in rows]
 
     async def claimSession(self, controller: str, listener: str, peer: str) -> Claim:
-        session = str(uuid.uuid4())
+        return (await self.claimSessions([(controller, listener, peer)]))[0]
+
+    async def claimSessions(self, hellos: Sequence[tuple[str, str, str]]) -> list[Claim]:
+        """
+        Claim a session for each (controller, listener, peer) in one statement; the claims
+        come back in the order asked.
+        """
+        sessions = [str(uuid.uuid4()) for _ in hellos]
         rows = await self.db.runQuery(
-            "session_claim",
-            _CLAIM,
+            "session_claims",
+            _CLAIM_MANY,
             {
-                "controller": controller,
-                "session": session,
+                "controllers": [c for c, _, _ in hellos],
+                "sessions": sessions,
                 "instance": self.instance,
-                "listener": listener,
-                "peer": peer,
+                "listeners": [listener for _, listener, _ in hellos],
+                "peers": [peer for _, _, peer in hellos],
                 "flapThreshold": self.policy.flapThreshold,
                 "flapWindow": self.policy.flapWindow,
                 "flapCooldown": self.policy.flapCooldown,
@@ -408,11 +433,14 @@ class Store:
                 "instanceTtl": self.policy.instanceTtl,
             },
         )
-        epoch, previousInstance, previousEpoch, previousOnline, flapping, refused, until = rows[0]
-        return Claim(
-            session, epoch, previousInstance, previousEpoch, bool(previousOnline),
-            bool(flapping), bool(refused), until,
-        )
+        claims: list[Claim | None] = [None] * len(hellos)
+        for n, epoch, previousInstance, previousEpoch, previousOnline, flapping, refused, until in rows:
+            claims[n - 1] = Claim(
+                sessions[n - 1], epoch, previousInstance, previousEpoch, bool(previousOnline),
+                bool(flapping), bool(refused), until,
+            )
+        assert all(c is not None for c in claims), "claim_sessions answered every hello"
+        return claims  # type: ignore[return-value]
 
     async def reconcile(self, local: Sequence[tuple[str, int, float]]) -> list[SessionRow]:
         """
@@ -465,6 +493,19 @@ class Store:
             (self.instance, host, pid),
         )
 
+    async def reapDeadInstances(self) -> int:
+        """
+        Mark offline (reason C{instance_dead}) every session of the instances whose
+        heartbeat is older than the instance TTL, and forget those instances.  Returns how
+        many sessions were.
+        """
+        rows = await self.db.runQuery(
+            "instance_reap",
+            _REAP_DEAD_INSTANCES,
+            {"ttl": self.policy.instanceTtl, "instance": self.instance},
+        )
+        return int(rows[0][0])
+
     async def unregisterInstance(self) -> None:
         await self.db.runOperation(
             "instance_unregister", "DELETE FROM instances WHERE instance_id = %s", (self.instance,)
@@ -509,6 +550,52 @@ class Store:
         if not rows:
             return None
         return bytes(rows[0][0]), bool(rows[0][1])
+
+    async def lookupCredentials(self, controllers: Sequence[str]) -> list[object]:
+        """
+        The (token hash, enabled) of each controller, or C{None} for one not registered:
+        the hellos of a batch in one statement.
+        """
+        return await self._credentials("controller_credentials_batch", controllers, "")
+
+    async def recheckCredentials(self, controllers: Sequence[str]) -> list[object]:
+        """
+        L{lookupCredentials} again, after the claims have committed, under a share lock: a
+        revocation that has changed a row but not yet committed is waited for, and one that
+        changes it later finds the committed session (migration 6's trigger ends it).
+        """
+        return await self._credentials(
+            "controller_credentials_recheck", controllers, " ORDER BY controller_id FOR SHARE"
+        )
+
+    async def _credentials(self, name: str, controllers: Sequence[str], lock: str) -> list[object]:
+        rows = await self.db.runQuery(
+            name,
+            "SELECT controller_id, token_sha256, enabled FROM controllers"
+            " WHERE controller_id = ANY (%s::text[])" + lock,
+            (list(controllers),),
+        )
+        found = {c: (bytes(h), bool(e)) for c, h, e in rows}
+        return [found.get(c) for c in controllers]
+
+    async def revokedSessions(self, local: Sequence[tuple[str, int]]) -> list[str]:
+        """
+        Of the local sessions C{local} (controller, epoch), those a revocation ended
+        (migration 6: moved to a newer epoch, offline, reason C{revoked}); one statement
+        per 5,000.
+        """
+        found: list[str] = []
+        for start in range(0, len(local), _RECONCILE_CHUNK):
+            chunk = local[start : start + _RECONCILE_CHUNK]
+            rows = await self.db.runQuery(
+                "revoked_sessions",
+                "SELECT s.controller_id FROM unnest(%s::text[], %s::bigint[]) AS l(controller_id, epoch)"
+                " JOIN sessions s ON s.controller_id = l.controller_id"
+                " WHERE s.epoch > l.epoch AND NOT s.online AND s.disconnect_reason = 'revoked'",
+                ([c for c, _ in chunk], [e for _, e in chunk]),
+            )
+            found += [c for (c,) in rows]
+        return found
 
     async def databaseTime(self) -> float:
         rows = await self.db.runQuery(

@@ -195,3 +195,35 @@ END
 $$;
 CREATE TRIGGER sessions_changed BEFORE UPDATE ON sessions
     FOR EACH ROW EXECUTE FUNCTION stamp_session_change();
+
+-- Many claims in one round-trip (a reconnecting fleet says hello thousands of times a
+-- second): claim_session for each, in controller order, so two batches that share
+-- controllers take their row locks in the same order and never deadlock.  Each row says
+-- which position of the arrays it answers (n).  A controller twice in one batch is claimed
+-- twice, in array order: the later hello wins, as it would one round-trip apart.
+CREATE FUNCTION claim_sessions(
+    p_controllers text[], p_sessions uuid[], p_instance text, p_listeners text[],
+    p_peers text[], p_flap_threshold integer, p_flap_window interval,
+    p_flap_cooldown interval, p_refuse_flapping boolean, p_instance_ttl interval)
+RETURNS TABLE (n bigint, new_epoch bigint, previous_instance text, previous_epoch bigint,
+               previous_online boolean, flapping boolean, refused boolean,
+               blocked_until timestamptz)
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN
+        SELECT t.c, t.s, t.l, t.p, t.i
+        FROM unnest(p_controllers, p_sessions, p_listeners, p_peers) WITH ORDINALITY
+            AS t(c, s, l, p, i)
+        ORDER BY t.c, t.i
+    LOOP
+        RETURN QUERY
+        SELECT item.i, r.new_epoch, r.previous_instance, r.previous_epoch, r.previous_online,
+               r.flapping, r.refused, r.blocked_until
+        FROM claim_session(item.c, item.s, p_instance, item.l, item.p, p_flap_threshold,
+                           p_flap_window, p_flap_cooldown, p_refuse_flapping,
+                           p_instance_ttl) AS r;
+    END LOOP;
+END
+$$;
