@@ -7,11 +7,12 @@ CONFIG ?= etc/ctrlgw.ini
 
 .PHONY: run test install lint bench clean
 
-# Dependencies, installed once per change of the package metadata or the pins.
+# Dependencies, installed once per change of the package metadata or the pins.  The bench
+# extras are in too: the test suite runs the benchmark's smoke mode (tests/test_bench_smoke.py).
 $(VENV)/.deps: setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip setuptools wheel
-	$(BIN)/pip install -q -c constraints.txt '.[embedded,test]'
+	$(BIN)/pip install -q -c constraints.txt '.[embedded,test,bench]'
 	touch $@
 
 # ctrlgw itself, as a plain (non-editable) install: that is what twistd's plugin lookup
@@ -25,6 +26,9 @@ run: install
 test: install
 	$(BIN)/python -m twisted.trial --temp-directory=var/_trial_temp $(TESTS)
 
+# The benchmark (not a timed test): every scenario against the embedded PostgreSQL, each
+# figure 3 times; writes var/bench.json, docs/benchmarks.md and docs/bench/*.png.
+# BENCH_ARGS="--smoke" for a tiny check run (under var/), "--help" for every knob.
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 

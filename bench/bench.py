@@ -1,41 +1,100 @@
 """
-ctrlgw benchmarks: `make bench` (or `python bench/bench.py`).
+ctrlgw benchmarks: `make bench` (or `python bench/bench.py`; `--smoke` for a tiny run).
 
-Starts a private PostgreSQL (pgserver) and gateway instances as real `twistd ctrlgw`
-processes, drives them from this process over loopback, and prints one table (also written
-to var/bench.json).  Everything talks to 127.0.0.1 only and stops by itself.
+Starts a private PostgreSQL (pgserver, or uses --dsn), gateway instances as real
+`twistd ctrlgw` processes and the simulated fleet (ctrlgw.sim) in this process or as
+`ctrlgw sim` subprocesses, and PgQueuer in its own process (bench/pgqueuer_side.py) on the
+same PostgreSQL.  Each figure is measured --repeat times and the median is reported.
+Writes the run as JSON (var/bench.json) and renders the benchmark page from it
+(bench/report.py: docs/benchmarks.md and docs/bench/*.png).
 
-Measured:
-  inbound   durable inbound throughput: controllers pipelining msgs, acks counted
-  cmd-one   command latency: single send() calls, paced; send() call to cmd frame received
-  cmd-batch one send_many() of N commands; call to last cmd frame received
-  enqueue   send() statements vs one send_many(), nobody connected
-  takeover  a controller moves from instance A to B: B's welcome to A's socket closed
-  memory    RSS of the gateway per idle, welcomed connection
+Scenarios:
+  commands  command latency against fleet size, and PgQueuer at the same paced rate
+  backlog   a backlog of commands drained to acked, and PgQueuer draining the same count
+  inbound   durable inbound messages per second and msg -> ack latency
+  idle      gateway RSS per idle connection and CPU with the fleet connected
+  storm     the whole fleet connecting at once: welcomes per second
+  takeover  a fleet moving from instance A to instance B: claim -> old socket aborted
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import datetime
 import json
 import os
+import platform
+import re
+import resource
+import shutil
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import uuid
+import warnings
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import ProcessProtocol, Protocol
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater, react
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, readBody
 
-TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+from ctrlgw.sim import Fleet, SimController, SimOptions, percentile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+BIN = os.path.dirname(sys.executable)
+TWISTD = os.path.join(BIN, "twistd")
+CTRLGW = os.path.join(BIN, "ctrlgw")
+
+
+@dataclass
+class Sizes:
+    fleets: list[int] = field(default_factory=lambda: [200, 1000, 5000, 10000])
+    referenceFleet: int = 1000  # the fleet the largest one's p99 is compared with
+    commandRate: float = 500.0
+    commandSeconds: float = 10.0
+    backlog: int = 100_000
+    backlogControllers: int = 10_000
+    pgqueuerBatch: int = 100
+    inboundControllers: int = 1000
+    inboundRate: float = 33_000.0  # open-loop offer: the target and 10% headroom
+    inboundSeconds: float = 10.0
+    inboundProcs: int = 2
+    idle: int = 15_000
+    idleWindow: float = 30.0
+    storm: int = 15_000
+    takeover: int = 1000
+    takeoverRate: float = 200.0  # moves per second (hellos on B)
+
+
+SMOKE = Sizes(
+    fleets=[10, 20], referenceFleet=10, commandRate=50.0, commandSeconds=1.0, backlog=200,
+    backlogControllers=20, inboundControllers=20, inboundRate=500.0, inboundSeconds=1.5, inboundProcs=1,
+    idle=20, idleWindow=1.0, storm=20, takeover=20, takeoverRate=100.0,
+)
+
+# Gateway settings every instance runs with (plus --set); ports and names are added per
+# instance.  ping_interval 15s is what the idle scenario asks for; max_buffered lets an
+# offer above capacity queue rather than be refused; flap_policy log, because the takeover
+# scenario moves every controller on purpose.
+SCENARIOS = ("commands", "backlog", "inbound", "idle", "storm", "takeover")
+
+BASE_SETTINGS: dict[str, dict[str, str]] = {
+    "inbox": {"max_buffered": "200000"},
+    "cluster": {"flap_policy": "log"},
+    "liveness": {"ping_interval": "15s"},
+}
 
 
 def freePort() -> int:
@@ -44,82 +103,54 @@ def freePort() -> int:
         return int(s.getsockname()[1])
 
 
-def nowMs() -> int:
-    return int(time.time() * 1000)
-
-
-def percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
 async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
-class Controller(Protocol):
+async def waitFor(check: Callable[[], bool], timeout: float, what: str, step: float = 0.01) -> float:
     """
-    A benchmark controller: counts acks, records when each cmd arrived, acks commands.
+    Poll C{check} until true; returns the time it became true.  Raises after C{timeout}.
     """
-
-    def __init__(self, autoAck: bool = True) -> None:
-        self.buffer = b""
-        self.welcome: Deferred[dict[str, Any]] = Deferred()
-        self.acks = 0
-        self.commands: dict[str, float] = {}
-        self.autoAck = autoAck
-        self.closedAt: float | None = None
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buffer += data
-        *lines, self.buffer = self.buffer.split(b"\n")
-        for line in lines:
-            frame = json.loads(line)
-            kind = frame["type"]
-            if kind == "ack":
-                self.acks += 1
-            elif kind == "welcome" and not self.welcome.called:
-                self.welcome.callback(frame)
-            elif kind == "cmd":
-                self.commands[frame["id"]] = time.time()
-                if self.autoAck:
-                    self.send({"type": "ack", "ref": frame["id"]})
-            elif kind == "ping":
-                self.send({"type": "pong", "echo": frame["ts"]})
-
-    def connectionLost(self, reason: object = None) -> None:
-        self.closedAt = time.time()
-
-    def send(self, frame: dict[str, Any]) -> None:
-        frame.setdefault("ts", nowMs())
-        self.transport.write(json.dumps(frame).encode() + b"\n")
+    deadline = time.time() + timeout
+    while not check():
+        if time.time() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await sleep(step)
+    return time.time()
 
 
-async def connect(port: int, controllerId: str, autoAck: bool = True) -> Controller:
-    controller = Controller(autoAck)
-    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), controller)
-    controller.send({"type": "hello", "controller": controllerId})
-    await controller.welcome
-    return controller
+def log(text: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {text}\n")
+    sys.stderr.flush()
+
+
+# --- processes ---
 
 
 class GatewayProcess(ProcessProtocol):
-    def __init__(self, name: str, dsn: str, schema: str, workdir: str) -> None:
+    """
+    One gateway instance: C{twistd -n ctrlgw} with its own config file.
+    """
+
+    def __init__(self, name: str, dsn: str, schema: str, workdir: str,
+                 settings: dict[str, dict[str, str]]) -> None:
         self.name = name
         self.port = freePort()
         self.http = freePort()
         self.output = b""
         self.ended: Deferred[None] = Deferred()
+        sections: dict[str, dict[str, str]] = {
+            "gateway": {"instance_id": name},
+            "listener:main": {"endpoint": f"tcp:{self.port}:interface=127.0.0.1:backlog=4096"},
+            "http": {"endpoint": f"tcp:{self.http}:interface=127.0.0.1"},
+        }
+        for section, values in settings.items():
+            sections.setdefault(section, {}).update(values)
+        sections.setdefault("database", {})["schema"] = schema
         config = os.path.join(workdir, f"{name}.ini")
         with open(config, "w") as f:
-            f.write(
-                f"[gateway]\ninstance_id = {name}\n"
-                f"[listener:main]\nendpoint = tcp:{self.port}:interface=127.0.0.1:backlog=4096\n"
-                f"[http]\nendpoint = tcp:{self.http}:interface=127.0.0.1\n"
-                f"[database]\nschema = {schema}\npool_size = 4\n"
-                f"[inbox]\nmax_buffered = 200000\n"
-                f"[cluster]\nflap_policy = log\n"
-            )
+            for section, values in sections.items():
+                f.write(f"[{section}]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
         self.process = reactor.spawnProcess(
             self, TWISTD, [TWISTD, "-n", "--pidfile=", "ctrlgw", "--config", config, "--dsn", dsn],
             env=dict(os.environ), path=workdir,
@@ -130,12 +161,12 @@ class GatewayProcess(ProcessProtocol):
 
     errReceived = outReceived
 
-    def processEnded(self, reason: object) -> None:
+    def processEnded(self, reason: Failure) -> None:
         self.ended.callback(None)
 
     async def ready(self) -> None:
         agent = Agent(reactor)
-        for _ in range(600):
+        for _ in range(1200):
             try:
                 response = await agent.request(b"GET", b"http://127.0.0.1:%d/readyz" % self.http)
                 await readBody(response)
@@ -146,7 +177,9 @@ class GatewayProcess(ProcessProtocol):
             if self.ended.called:
                 break
             await sleep(0.1)
-        raise RuntimeError(f"{self.name} never became ready:\n{self.output.decode(errors='replace')}")
+        text = self.output.decode(errors="replace")
+        last = ([line for line in text.splitlines() if line.strip()] or ["no output"])[-1]
+        raise RuntimeError(f"{self.name} never became ready: {last}\n{text}")
 
     def rss(self) -> int:
         with open(f"/proc/{self.process.pid}/status") as f:
@@ -155,202 +188,686 @@ class GatewayProcess(ProcessProtocol):
                     return int(line.split()[1]) * 1024
         return 0
 
+    def cpuSeconds(self) -> float:
+        """
+        utime + stime of the gateway process, from /proc/PID/stat.
+        """
+        with open(f"/proc/{self.process.pid}/stat") as f:
+            text = f.read()
+        fields = text[text.rindex(")") + 2:].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    async def metrics(self) -> str:
+        response = await Agent(reactor).request(b"GET", b"http://127.0.0.1:%d/metrics" % self.http)
+        return (await readBody(response)).decode()
+
     async def stop(self) -> None:
         if not self.ended.called:
             self.process.signalProcess(signal.SIGTERM)
             await self.ended
 
 
-async def benchInbound(gw: GatewayProcess, controllers: int, messages: int, window: int) -> dict[str, Any]:
-    clients = [await connect(gw.port, f"in-{uuid.uuid4().hex[:8]}") for _ in range(controllers)]
-    perClient = messages // controllers
-    started = time.time()
-
-    async def pump(client: Controller) -> None:
-        sent = 0
-        while sent < perClient:
-            while sent - client.acks < window and sent < perClient:
-                client.send({"type": "msg", "id": f"m{sent}", "body": {"v": sent}})
-                sent += 1
-            await sleep(0.001)
-        while client.acks < perClient:
-            await sleep(0.001)
-
-    await gatherResults([Deferred.fromCoroutine(pump(c)) for c in clients])
-    elapsed = time.time() - started
-    for c in clients:
-        c.transport.loseConnection()
-    total = perClient * controllers
-    return {"messages": total, "seconds": round(elapsed, 3), "per_second": round(total / elapsed)}
-
-
-async def benchCommands(gw: GatewayProcess, db: Any, count: int, rate: float) -> dict[str, Any]:
-    client = await connect(gw.port, "cmd-one")
-    latencies = []
-    for i in range(count):
-        started = time.time()
-        rows = await db.runQuery("bench", "SELECT send('cmd-one', %s::jsonb)::text", (json.dumps({"i": i}),))
-        command = rows[0][0]
-        while command not in client.commands:
-            await sleep(0.0005)
-        latencies.append((client.commands[command] - started) * 1000)
-        await sleep(max(0.0, 1 / rate - (time.time() - started)))
-    client.transport.loseConnection()
-    return {
-        "commands": count,
-        "p50_ms": round(statistics.median(latencies), 2),
-        "p99_ms": round(percentile(latencies, 99), 2),
-        "max_ms": round(max(latencies), 2),
-    }
-
-
-async def benchBatch(gw: GatewayProcess, db: Any, controllers: int, perController: int) -> dict[str, Any]:
-    clients = [await connect(gw.port, f"batch-{i}") for i in range(controllers)]
-    ids = [f"batch-{i}" for i in range(controllers) for _ in range(perController)]
-    started = time.time()
-    await db.runQuery(
-        "bench",
-        "SELECT count(*) FROM send_many(%s::text[], %s::jsonb[], interval '60 seconds')",
-        (ids, [json.dumps({"n": n}) for n in range(len(ids))]),
-    )
-    while sum(len(c.commands) for c in clients) < len(ids):
-        await sleep(0.001)
-    elapsed = time.time() - started
-    for c in clients:
-        c.transport.loseConnection()
-    return {"commands": len(ids), "seconds": round(elapsed, 3), "per_second": round(len(ids) / elapsed)}
-
-
-async def benchEnqueue(db: Any, count: int, concurrency: int) -> dict[str, Any]:
+class Collect(ProcessProtocol):
     """
-    Enqueue throughput with nobody connected: single send() statements from `concurrency`
-    connections, then one send_many() of the same size.  Each statement rings the doorbell
-    once (a NOTIFY per statement, not per row).
+    A helper subprocess: its standard output and error, and its exit.
     """
-    started = time.time()
 
-    async def worker(n: int) -> None:
-        for i in range(n, count, concurrency):
-            await db.runQuery("bench", "SELECT send(%s, %s::jsonb)", (f"offline-{i % 100}", '{"x":1}'))
+    def __init__(self, onErrLine: Callable[[str], object] | None = None) -> None:
+        self.out = b""
+        self.err = b""
+        self.onErrLine = onErrLine
+        self.ended: Deferred[int] = Deferred()
 
-    await gatherResults([Deferred.fromCoroutine(worker(n)) for n in range(concurrency)])
-    single = time.time() - started
-    started = time.time()
-    await db.runQuery(
-        "bench", "SELECT count(*) FROM send_many(%s::text[], %s::jsonb[])",
-        ([f"offline-{i % 100}" for i in range(count)], ['{"x":1}'] * count),
-    )
-    batch = time.time() - started
-    return {"commands": count, "single_per_second": round(count / single),
-            "send_many_per_second": round(count / batch)}
+    def outReceived(self, data: bytes) -> None:
+        self.out += data
 
+    def errReceived(self, data: bytes) -> None:
+        self.err += data
+        if self.onErrLine is not None:
+            *lines, rest = self.err.split(b"\n")
+            for line in lines:
+                self.onErrLine(line.decode(errors="replace"))
+            self.err = rest
 
-async def benchTakeover(a: GatewayProcess, b: GatewayProcess, rounds: int) -> dict[str, Any]:
-    delays = []
-    for i in range(rounds):
-        controllerId = f"move-{i}"
-        old = await connect(a.port, controllerId)
-        new = await connect(b.port, controllerId)
-        welcomed = time.time()
-        while old.closedAt is None:
-            await sleep(0.0005)
-        delays.append((old.closedAt - welcomed) * 1000)
-        new.transport.loseConnection()
-    # The gateway's own view: claim committed (database clock) to old socket dropped.
-    agent = Agent(reactor)
-    response = await agent.request(b"GET", b"http://127.0.0.1:%d/metrics" % a.http)
-    text = (await readBody(response)).decode()
-    samples = dict(
-        line.rsplit(" ", 1) for line in text.splitlines()
-        if line.startswith("ctrlgw_takeover_convergence_seconds_")
-        and not line.startswith("ctrlgw_takeover_convergence_seconds_bucket")
-    )
-    count = float(samples.get("ctrlgw_takeover_convergence_seconds_count", 0))
-    total = float(samples.get("ctrlgw_takeover_convergence_seconds_sum", 0))
-    return {
-        "rounds": rounds,
-        "welcome_to_old_closed_p50_ms": round(statistics.median(delays), 2),
-        "welcome_to_old_closed_p99_ms": round(percentile(delays, 99), 2),
-        "claim_to_abort_mean_ms": round(total / count * 1000, 2) if count else None,
-    }
+    def processEnded(self, reason: Failure) -> None:
+        self.ended.callback(getattr(reason.value, "exitCode", 0) or 0)
 
 
-async def benchMemory(gw: GatewayProcess, connections: int) -> dict[str, Any]:
-    before = gw.rss()
-    clients = []
-    for start in range(0, connections, 200):
-        clients += await gatherResults(
-            [Deferred.fromCoroutine(connect(gw.port, f"idle-{n}")) for n in range(start, min(connections, start + 200))]
-        )
+async def runProcess(argv: list[str], onErrLine: Callable[[str], object] | None = None) -> str:
+    proto = Collect(onErrLine)
+    reactor.spawnProcess(proto, argv[0], argv, env=dict(os.environ), path=ROOT)
+    code = await proto.ended
+    if code != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... exited {code}:\n{proto.err.decode(errors='replace')[-3000:]}")
+    return proto.out.decode()
+
+
+async def pgqueuer(ctx: Context, *args: str) -> dict[str, Any]:
+    out = await runProcess([sys.executable, os.path.join(HERE, "pgqueuer_side.py"), *args,
+                            "--dsn", ctx.dsn, "--database", ctx.pgqueuerDatabase])
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return result
+
+
+# --- the fleet ---
+
+
+class TimedFleet(Fleet):
+    """
+    The sim's fleet, also recording when each controller was welcomed and lost.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.welcomedAt: dict[str, float] = {}
+        self.lostAt: dict[str, float] = {}
+
+    def welcomed(self, protocol: SimController) -> None:
+        self.welcomedAt[protocol.controller] = self.clock.seconds()
+        super().welcomed(protocol)
+
+    def lost(self, protocol: SimController) -> None:
+        if protocol.live:
+            self.lostAt[protocol.controller] = self.clock.seconds()
+        super().lost(protocol)
+
+
+def startFleet(ctx: Context, gw: GatewayProcess, n: int, prefix: str, **options: Any) -> TimedFleet:
+    fleet = TimedFleet(reactor, SimOptions(endpoints=[("127.0.0.1", gw.port)], controllers=n,
+                                           prefix=prefix, duration=0, **options))
+    ctx.fleets.append(fleet)
+    fleet.start()
+    return fleet
+
+
+async def connectFleet(ctx: Context, gw: GatewayProcess, n: int, prefix: str, **options: Any) -> TimedFleet:
+    fleet = startFleet(ctx, gw, n, prefix, **options)
+    await waitFor(lambda: fleet.stats.welcomes >= n, 60 + n / 100, f"{n} welcomes on {gw.name}")
+    return fleet
+
+
+async def stopFleet(ctx: Context, fleet: Fleet) -> None:
+    if fleet in ctx.fleets:
+        ctx.fleets.remove(fleet)
+    fleet.stop()
+    await waitFor(lambda: fleet.stats.connected == 0, 30, "the fleet to hang up")
+    await sleep(0.2)
+
+
+def latencySummary(values: list[float]) -> dict[str, float | None]:
+    return {"p50_ms": percentile(values, 0.50), "p99_ms": percentile(values, 0.99),
+            "max_ms": max(values, default=None)}
+
+
+def quantiles(values: list[float], points: int = 500) -> list[float]:
+    """
+    At most C{points} evenly spaced order statistics: enough for a CDF plot.
+    """
+    ordered = sorted(values)
+    if len(ordered) <= points:
+        return [round(v, 3) for v in ordered]
+    return [round(ordered[round(i * (len(ordered) - 1) / (points - 1))], 3) for i in range(points)]
+
+
+# --- the run ---
+
+
+@dataclass
+class Context:
+    dsn: str
+    schema: str
+    pgqueuerDatabase: str
+    workdir: str
+    settings: dict[str, dict[str, str]]
+    sizes: Sizes
+    pool: Any = None
+    poolStarted: bool = False
+    gateways: list[GatewayProcess] = field(default_factory=list)
+    fleets: list[Fleet] = field(default_factory=list)
+    serial: int = 0
+
+    async def gateway(self, name: str) -> GatewayProcess:
+        self.serial += 1
+        gw = GatewayProcess(f"{name}-{self.serial}", self.dsn, self.schema, self.workdir, self.settings)
+        self.gateways.append(gw)
+        await gw.ready()
+        return gw
+
+    async def stopGateway(self, gw: GatewayProcess) -> None:
+        await gw.stop()
+        self.gateways.remove(gw)
+
+    def prefix(self, name: str) -> str:
+        self.serial += 1
+        return f"{name}{self.serial}-"
+
+    async def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = await self.pool.runQuery(sql.replace("ctrlgw.", f"{self.schema}."), params)
+        return rows
+
+
+async def scenarioCommands(ctx: Context, gw: GatewayProcess, n: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    N idle controllers connected; send() paced over them; sent_ms in the body.
+    """
+    sizes = ctx.sizes
+    fleet = await connectFleet(ctx, gw, n, ctx.prefix("cmd"))
     await sleep(1.0)
+    ids = fleet.controllers()
+    count = int(sizes.commandRate * sizes.commandSeconds)
+    errors: list[Failure] = []
+
+    def sendOne(i: int) -> None:
+        body = json.dumps({"sent_ms": time.time() * 1000, "i": i})
+        d = ctx.pool.runQuery(f"SELECT {ctx.schema}.send(%s, %s::jsonb, interval '30 seconds')",
+                              (ids[i % n], body))
+        d.addErrback(errors.append)
+
+    started = time.time()
+    for i in range(count):
+        delay = started + i / sizes.commandRate - time.time()
+        if delay > 0.001:
+            await sleep(delay)
+        sendOne(i)
+    await waitFor(lambda: fleet.stats.cmds >= count or bool(errors), 30, f"{count} commands delivered")
+    if errors:
+        errors[0].raiseException()
+    latencies = list(fleet.stats.cmdMs)
+    await stopFleet(ctx, fleet)
+    return ({"controllers": n, "commands": count, **latencySummary(latencies)},
+            {"cmd_ms": quantiles(latencies)})
+
+
+async def scenarioBacklog(ctx: Context, gw: GatewayProcess) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    The fleet connected, then the backlog enqueued with send_many (10,000 per statement);
+    from the first send_many to no command of the fleet pending or sent.
+    """
+    sizes = ctx.sizes
+    prefix = ctx.prefix("bl")
+    fleet = await connectFleet(ctx, gw, sizes.backlogControllers, prefix)
+    await sleep(1.0)
+    ids = fleet.controllers()
+    series: list[tuple[float, int]] = []
+    started = time.time()
+    for start in range(0, sizes.backlog, 10_000):
+        chunk = range(start, min(sizes.backlog, start + 10_000))
+        await ctx.query(
+            "SELECT count(*) FROM ctrlgw.send_many(%s::text[], %s::jsonb[], interval '1 hour')",
+            ([ids[i % len(ids)] for i in chunk], [json.dumps({"i": i}) for i in chunk]),
+        )
+    enqueued = time.time() - started
+
+    async def open_() -> int:
+        rows = await ctx.query(
+            "SELECT count(*) FROM ctrlgw.commands WHERE state IN ('pending', 'sent')"
+            " AND controller_id LIKE %s", (prefix + "%",))
+        return int(rows[0][0])
+
+    deadline = time.time() + 60 + sizes.backlog / 500
+    while True:
+        series.append((round(time.time() - started, 3), fleet.stats.cmds))
+        if fleet.stats.cmds >= sizes.backlog and await open_() == 0:
+            break
+        if time.time() > deadline:
+            raise RuntimeError(f"backlog not drained: {fleet.stats.cmds} of {sizes.backlog} delivered")
+        await sleep(0.1)
+    elapsed = time.time() - started
+    await stopFleet(ctx, fleet)
+    return ({"commands": sizes.backlog, "controllers": sizes.backlogControllers,
+             "enqueue_seconds": round(enqueued, 3), "seconds": round(elapsed, 3),
+             "per_second": round(sizes.backlog / elapsed, 1)},
+            {"delivered_over_time": series})
+
+
+_PROGRESS = re.compile(r"connected (\d+)\s+msgs/s (\d+)\s+acks/s (\d+)")
+
+
+async def scenarioInbound(ctx: Context, gw: GatewayProcess) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    `ctrlgw sim` as a subprocess (its pacer at a rate above the target); acks/s from its
+    per-second progress lines once the whole fleet is connected.
+    """
+    sizes = ctx.sizes
+    lines: list[tuple[int, int, int]] = []
+
+    def onLine(line: str) -> None:
+        m = _PROGRESS.search(line)
+        if m:
+            lines.append((int(m[1]), int(m[2]), int(m[3])))
+
+    raw = os.path.join(ctx.workdir, f"inbound-{uuid.uuid4().hex[:6]}.json")
+    out = await runProcess([
+        CTRLGW, "sim", f"127.0.0.1:{gw.port}", "-n", str(sizes.inboundControllers),
+        "--prefix", ctx.prefix("in"), "--rate", str(sizes.inboundRate),
+        "--duration", str(sizes.inboundSeconds), "--procs", str(sizes.inboundProcs), "--json", raw,
+    ], onLine)
+    summary = json.loads(out)
+    with open(raw) as f:
+        ackMs: list[float] = json.load(f)["msg_ack_ms"]
+    # Whole seconds with the fleet connected and the pacer running (the last one may be cut
+    # short); the seconds after it only drain.
+    full = [(sent, acks) for connected, sent, acks in lines if connected >= sizes.inboundControllers and sent > 0][:-1]
+    if not full:
+        full = [(sent, acks) for _, sent, acks in lines] or [(0, 0)]
+    return ({"controllers": sizes.inboundControllers, "offered_per_second": sizes.inboundRate,
+             "acked": summary["acks"], "unanswered": summary["unanswered"],
+             "errors": summary["errors"], "sent_per_second": round(statistics.mean(x for x, _ in full), 1),
+             "per_second": round(statistics.mean(a for _, a in full), 1), **latencySummary(ackMs)},
+            {"acks_per_second": [acks for _, _, acks in lines], "msgs_per_second": [sent for _, sent, _ in lines],
+             "msg_ack_ms": quantiles(ackMs)})
+
+
+async def scenarioIdle(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    A fresh gateway; RSS before and after the fleet connects; CPU over the window.
+    """
+    sizes = ctx.sizes
+    gw = await ctx.gateway("idle")
+    await sleep(1.0)
+    before = gw.rss()
+    fleet = await connectFleet(ctx, gw, sizes.idle, ctx.prefix("idle"))
+    await sleep(2.0)
     after = gw.rss()
-    for c in clients:
-        c.transport.loseConnection()
-    return {"connections": connections, "rss_delta_mb": round((after - before) / 2**20, 1),
-            "bytes_per_connection": round((after - before) / connections)}
+    cpu0, t0 = gw.cpuSeconds(), time.time()
+    await sleep(sizes.idleWindow)
+    cpu1, t1 = gw.cpuSeconds(), time.time()
+    lost = fleet.stats.disconnects
+    await stopFleet(ctx, fleet)
+    await ctx.stopGateway(gw)
+    return ({"connections": sizes.idle, "rss_before_mb": round(before / 2**20, 1),
+             "rss_after_mb": round(after / 2**20, 1),
+             "kb_per_connection": round((after - before) / sizes.idle / 1024, 2),
+             "window_seconds": round(t1 - t0, 1), "cpu_percent": round((cpu1 - cpu0) / (t1 - t0) * 100, 2),
+             "pongs_expected": round(sizes.idle * (t1 - t0) / 15), "disconnects": lost}, {})
 
 
-async def main(reactor_: Any, args: argparse.Namespace) -> None:
-    import pgserver
+async def scenarioStorm(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    A fresh gateway; the whole fleet dials at once; until the last welcome.
+    """
+    sizes = ctx.sizes
+    gw = await ctx.gateway("storm")
+    await sleep(1.0)
+    started = time.time()
+    fleet = startFleet(ctx, gw, sizes.storm, ctx.prefix("storm"))
+    await waitFor(lambda: fleet.stats.welcomes >= sizes.storm, 60 + sizes.storm / 100, "the storm's welcomes")
+    last = max(fleet.welcomedAt.values())
+    welcomeMs = list(fleet.stats.welcomeMs)
+    errors = fleet.stats.errors
+    await stopFleet(ctx, fleet)
+    await ctx.stopGateway(gw)
+    return ({"controllers": sizes.storm, "seconds": round(last - started, 3),
+             "per_second": round(sizes.storm / (last - started), 1), "errors": errors,
+             "welcome_p50_ms": percentile(welcomeMs, 0.5), "welcome_p99_ms": percentile(welcomeMs, 0.99)},
+            {"welcome_ms": quantiles(welcomeMs)})
 
-    from ctrlgw.config import DatabaseConfig
-    from ctrlgw.metrics import Metrics
-    from ctrlgw.store.database import Database
 
-    data = tempfile.mkdtemp(prefix="ctrlgw-bench-pg-")
-    server = pgserver.get_server(data, cleanup_mode="delete")
-    dsn = server.get_uri()
-    schema = "bench_" + uuid.uuid4().hex[:8]
-    workdir = tempfile.mkdtemp(prefix="ctrlgw-bench-")
-    a = GatewayProcess("bench-a", dsn, schema, workdir)
-    results: dict[str, Any] = {}
-    b: GatewayProcess | None = None
+def histogram(text: str, name: str) -> dict[str, float]:
+    """
+    A Prometheus histogram's cumulative buckets (by upper bound), _sum and _count.
+    """
+    values: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket"):
+            le = line[line.index('le="') + 4:].split('"')[0]
+            values[le] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith((name + "_sum", name + "_count")):
+            values[line.split()[0][len(name) + 1:]] = float(line.rsplit(" ", 1)[1])
+    return values
+
+
+def histogramP99(before: dict[str, float], after: dict[str, float]) -> tuple[float | None, int]:
+    """
+    The upper bound of the bucket holding the 99th percentile of what was observed between
+    the two scrapes, and that count.
+    """
+    count = int(after.get("count", 0) - before.get("count", 0))
+    if count == 0:
+        return None, 0
+    bounds = sorted((float(k), after[k] - before.get(k, 0)) for k in after if k not in ("sum", "count"))
+    for bound, cumulative in bounds:
+        if cumulative >= 0.99 * count:
+            return bound, count
+    return float("inf"), count
+
+
+async def scenarioTakeover(ctx: Context, a: GatewayProcess, b: GatewayProcess) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    The fleet on A (told not to come back for an hour), then the same ids say hello on B at
+    the takeover rate.  Gateway view: ctrlgw_takeover_convergence_seconds on A; controller
+    view: B's welcome read to A's socket closed.
+    """
+    sizes = ctx.sizes
+    name = "ctrlgw_takeover_convergence_seconds"
+    prefix = ctx.prefix("move")
+    old = await connectFleet(ctx, a, sizes.takeover, prefix, backoffMin=3600.0, backoffMax=3600.0)
+    await sleep(1.0)
+    before = histogram(await a.metrics(), name)
+    new = startFleet(ctx, b, sizes.takeover, prefix, connectRate=sizes.takeoverRate)
+    await waitFor(lambda: len(new.welcomedAt) >= sizes.takeover and len(old.lostAt) >= sizes.takeover,
+                  60 + sizes.takeover / sizes.takeoverRate * 2, "the takeovers")
+    await sleep(0.5)
+    after = histogram(await a.metrics(), name)
+    p99, count = histogramP99(before, after)
+    seen = [(old.lostAt[c] - new.welcomedAt[c]) * 1000 for c in new.welcomedAt if c in old.lostAt]
+    await stopFleet(ctx, old)
+    await stopFleet(ctx, new)
+    mean = (after["sum"] - before.get("sum", 0)) / count * 1000 if count else None
+    return ({"controllers": sizes.takeover, "moves_per_second": sizes.takeoverRate,
+             "gateway_p99_ms_bucket": None if p99 is None else p99 * 1000,
+             "gateway_mean_ms": None if mean is None else round(mean, 3), "gateway_observed": count,
+             "seen_p50_ms": percentile(seen, 0.5), "seen_p99_ms": percentile(seen, 0.99),
+             "seen_max_ms": max(seen, default=None)},
+            {"seen_ms": quantiles(seen)})
+
+
+def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """
+    Per key, the median over the runs of the numeric figures (other values: the last run's).
+    """
+    out: dict[str, Any] = {}
+    for key in runs[-1]:
+        values = [r[key] for r in runs if isinstance(r.get(key), int | float) and not isinstance(r.get(key), bool)]
+        if len(values) == len(runs):
+            m = statistics.median(values)
+            out[key] = round(m, 3) if isinstance(m, float) else m
+        else:
+            out[key] = runs[-1][key]
+    return out
+
+
+async def repeat(label: str, times: int, step: Callable[[], Awaitable[tuple[dict[str, Any], dict[str, Any]]]]) -> dict[str, Any]:
+    runs = []
+    series: dict[str, Any] = {}
+    for i in range(times):
+        figures, series = await step()
+        log(f"{label} run {i + 1}/{times}: {json.dumps(figures)}")
+        runs.append(figures)
+    return {"median": median(runs), "runs": runs, "series": series}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def verdicts(scenarios: dict[str, Any], sizes: Sizes, only: list[str]) -> list[dict[str, Any]]:
+    """
+    One row per target of the scenarios run: the figure, the target and whether it was met
+    (C{None}: no figure, the scenario failed).
+    """
+    rows = []
+
+    def row(scenario: str, what: str, value: Callable[[], float | None], unit: str, target: str,
+            met: Callable[[float], bool]) -> None:
+        if scenario not in only:
+            return
+        try:
+            v = value()
+        except (KeyError, TypeError, ZeroDivisionError):
+            v = None
+        rows.append({"scenario": scenario, "what": what, "value": v, "unit": unit,
+                     "target": target, "met": None if v is None else bool(met(v))})
+
+    def m(*path: str) -> Any:
+        node: Any = scenarios
+        for key in path:
+            node = node[key]
+        return node
+
+    for n in sizes.fleets:
+        row("commands", f"ctrlgw p99 / PgQueuer p99, {n:,} controllers",
+            lambda n=n: _ratio(m("commands", "fleets", str(n), "median", "p99_ms"),  # type: ignore[misc]
+                               m("commands", "pgqueuer", "median", "p99_ms")), "×", "≤ 0.7", lambda v: v <= 0.7)
+    largest = max(sizes.fleets)
+    if sizes.referenceFleet in sizes.fleets and largest != sizes.referenceFleet:
+        row("commands", f"p99 at {largest:,} / p99 at {sizes.referenceFleet:,} controllers",
+            lambda: _ratio(m("commands", "fleets", str(largest), "median", "p99_ms"),
+                           m("commands", "fleets", str(sizes.referenceFleet), "median", "p99_ms")),
+            "×", "0.8 – 1.2 (±20%)", lambda v: 0.8 <= v <= 1.2)
+    row("backlog", "ctrlgw drain rate / PgQueuer drain rate",
+        lambda: _ratio(m("backlog", "ctrlgw", "median", "per_second"), m("backlog", "pgqueuer", "median", "per_second")),
+        "×", "≥ 1", lambda v: v >= 1)
+    row("inbound", "durably acked msgs/s", lambda: m("inbound", "median", "per_second"), "/s",
+        "≥ 30,000", lambda v: v >= 30_000)
+    row("idle", "gateway RSS per connection", lambda: m("idle", "median", "kb_per_connection"), "KiB",
+        "≤ 5", lambda v: v <= 5)
+    row("idle", "gateway CPU, % of one core", lambda: m("idle", "median", "cpu_percent"), "%",
+        "≤ 10", lambda v: v <= 10)
+    row("storm", "welcomes per second", lambda: m("storm", "median", "per_second"), "/s",
+        "≥ 3,000", lambda v: v >= 3000)
+    row("takeover", "claim → old socket aborted p99 (gateway metric, bucket bound)",
+        lambda: m("takeover", "median", "gateway_p99_ms_bucket"), "ms", "≤ 10", lambda v: v <= 10)
+    row("takeover", "B's welcome → A's socket closed p99 (controller view)",
+        lambda: m("takeover", "median", "seen_p99_ms"), "ms", "≤ 10", lambda v: v <= 10)
+    return rows
+
+
+# --- what the run ran on ---
+
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem = int(f.readline().split()[1]) * 1024
+    return {"cpu": model, "cores": os.cpu_count(), "ram_gib": round(mem / 2**30, 1),
+            "kernel": platform.release(), "fd_limit": resource.getrlimit(resource.RLIMIT_NOFILE)[0]}
+
+
+def git() -> dict[str, Any]:
+    def run(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    return {"commit": run("rev-parse", "HEAD") or "unknown",
+            "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+
+
+async def versions(ctx: Context) -> dict[str, str]:
+    from importlib.metadata import version
+
+    import twisted
+
+    rows = await ctx.query("SHOW server_version")
+    return {"python": platform.python_version(), "twisted": twisted.__version__,
+            "postgresql": str(rows[0][0]), "pgqueuer": version("pgqueuer"), "ctrlgw": version("ctrlgw")}
+
+
+# --- main ---
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    from txpostgres.txpostgres import ConnectionPool
+
+    sizes: Sizes = args.sizes
+    server = None
+    dsn = args.dsn
+    if dsn is None:
+        import pgserver
+
+        server = pgserver.get_server(tempfile.mkdtemp(prefix="ctrlgw-bench-pg-"), cleanup_mode="delete")
+        dsn = server.get_uri()
+    tag = uuid.uuid4().hex[:8]
+    ctx = Context(dsn=dsn, schema="bench_" + tag, pgqueuerDatabase="bench_pgqueuer_" + tag, workdir=tempfile.mkdtemp(prefix="ctrlgw-bench-"),
+                  settings=args.settings, sizes=sizes)
+    ctx.pool = ConnectionPool(None, dsn, min=8)
     try:
-        await a.ready()
-        b = GatewayProcess("bench-b", dsn, schema, workdir)
-        await b.ready()
-        db = Database(reactor, DatabaseConfig(dsn, "", schema, "off", 8, 5, 30, 30, 1, 100_000), Metrics())
-        await db.start(dsn)
-        results["inbound"] = await benchInbound(a, args.controllers, args.messages, args.window)
-        print("inbound", results["inbound"], flush=True)
-        results["cmd-one"] = await benchCommands(a, db, args.commands, args.rate)
-        print("cmd-one", results["cmd-one"], flush=True)
-        results["cmd-batch"] = await benchBatch(a, db, 100, args.batch // 100)
-        print("cmd-batch", results["cmd-batch"], flush=True)
-        results["enqueue"] = await benchEnqueue(db, args.enqueue, 8)
-        print("enqueue", results["enqueue"], flush=True)
-        results["takeover"] = await benchTakeover(a, b, args.takeovers)
-        print("takeover", results["takeover"], flush=True)
-        results["memory"] = await benchMemory(b, args.idle)
-        print("memory", results["memory"], flush=True)
-        db.stop()
+        return await runScenarios(ctx, args, "embedded (pgserver)" if server is not None else "--dsn")
     finally:
-        await a.stop()
-        if b is not None:
-            await b.stop()
-    os.makedirs("var", exist_ok=True)
-    with open("var/bench.json", "w") as f:
-        json.dump(results, f, indent=2)
-    print("\n| benchmark | result |\n|---|---|")
-    for name, values in results.items():
-        print(f"| {name} | {', '.join(f'{k} {v}' for k, v in values.items())} |")
+        for gw in list(ctx.gateways):
+            await gw.stop()
+        if server is None and ctx.poolStarted:
+            # Someone else's server: leave nothing behind.
+            await ctx.pool.runOperation(f"DROP SCHEMA IF EXISTS {ctx.schema} CASCADE")
+            await ctx.pool.runOperation(f"DROP DATABASE IF EXISTS {ctx.pgqueuerDatabase}")
+        ctx.pool.close()
+        if server is not None:
+            server.cleanup()
+        shutil.rmtree(ctx.workdir, ignore_errors=True)
+
+
+async def runScenarios(ctx: Context, args: argparse.Namespace, where: str) -> dict[str, Any]:
+    sizes = ctx.sizes
+    await ctx.pool.start()
+    ctx.poolStarted = True
+    # PgQueuer's tables in a database of their own: no collision with the gateway's schema.
+    await ctx.pool.runOperation(f"CREATE DATABASE {ctx.pgqueuerDatabase}")
+    result: dict[str, Any] = {
+        "smoke": args.smoke, "repeat": args.repeat, "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "git": git(), "machine": machine(), "versions": await versions(ctx),
+        "sizes": dataclasses.asdict(sizes), "gateway_settings": args.settings,
+        "postgresql": where,
+    }
+    scenarios: dict[str, Any] = {}
+    only = args.only
+
+    async def attempt(name: str, step: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        """
+        Run one scenario; a failure is recorded (and the fleets it left are hung up), and
+        the run goes on with the next.
+        """
+        if name not in only:
+            return
+        try:
+            scenarios[name] = await step()
+        except Exception as e:
+            log(f"{name} FAILED:\n{traceback.format_exc()}")
+            scenarios[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            for fleet in list(ctx.fleets):
+                try:
+                    await stopFleet(ctx, fleet)
+                except RuntimeError as stuck:
+                    log(f"after {name}: {stuck}")
+
+    main: GatewayProcess | None = None
+    if {"commands", "backlog", "inbound", "takeover"} & set(only):
+        main = await ctx.gateway("a")
+        log(f"gateway {main.name} ready (schema {ctx.schema})")
+
+    async def commands() -> dict[str, Any]:
+        assert main is not None
+        cmd: dict[str, Any] = {"fleets": {}}
+        for n in sizes.fleets:
+            cmd["fleets"][str(n)] = await repeat(f"commands n={n}", args.repeat,
+                                                 lambda n=n: scenarioCommands(ctx, main, n))  # type: ignore[misc]
+
+        async def pgqLatency() -> tuple[dict[str, Any], dict[str, Any]]:
+            r = await pgqueuer(ctx, "latency", "--rate", str(sizes.commandRate), "--seconds", str(sizes.commandSeconds))
+            samples = r.pop("latencies_ms")
+            return r, {"latency_ms": quantiles(samples)}
+
+        cmd["pgqueuer"] = await repeat("commands pgqueuer", args.repeat, pgqLatency)
+        return cmd
+
+    async def backlog() -> dict[str, Any]:
+        assert main is not None
+
+        async def pgqDrain() -> tuple[dict[str, Any], dict[str, Any]]:
+            return await pgqueuer(ctx, "drain", "--jobs", str(sizes.backlog), "--batch", str(sizes.pgqueuerBatch)), {}
+
+        return {"ctrlgw": await repeat("backlog ctrlgw", args.repeat, lambda: scenarioBacklog(ctx, main)),
+                "pgqueuer": await repeat("backlog pgqueuer", args.repeat, pgqDrain)}
+
+    async def takeover() -> dict[str, Any]:
+        assert main is not None
+        b = await ctx.gateway("b")
+        return await repeat("takeover", args.repeat, lambda: scenarioTakeover(ctx, main, b))
+
+    await attempt("commands", commands)
+    await attempt("backlog", backlog)
+    await attempt("inbound", lambda: repeat("inbound", args.repeat, lambda: scenarioInbound(ctx, main)))  # type: ignore[arg-type]
+    await attempt("idle", lambda: repeat("idle", args.repeat, lambda: scenarioIdle(ctx)))
+    await attempt("storm", lambda: repeat("storm", args.repeat, lambda: scenarioStorm(ctx)))
+    await attempt("takeover", takeover)
+    result["scenarios"] = scenarios
+    result["verdicts"] = verdicts(scenarios, sizes, only)
+    result["only"] = only
+    return result
+
+
+def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
+    d = Sizes()
+    p = argparse.ArgumentParser(description="ctrlgw benchmarks (writes var/bench.json and docs/benchmarks.md)")
+    p.add_argument("--smoke", action="store_true", help="every scenario at tiny sizes, repeat 1; writes under var/")
+    p.add_argument("--dsn", default=None, help="a postgresql:// URI instead of the embedded PostgreSQL")
+    p.add_argument("--repeat", type=int, default=None, help="runs per figure; the median is reported (3)")
+    p.add_argument("--json", default=None, help="where the run's JSON goes (var/bench.json)")
+    p.add_argument("--docs", default=None, help="folder for benchmarks.md and bench/*.png (docs)")
+    p.add_argument("--only", type=lambda v: v.split(","), default=list(SCENARIOS),
+                   help=f"scenarios to run, comma-separated ({','.join(SCENARIOS)})")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="a gateway setting for every instance (repeatable)")
+    p.add_argument("--fleets", type=lambda s: [int(x) for x in s.split(",")], default=None,
+                   help=f"command scenario fleet sizes ({','.join(map(str, d.fleets))})")
+    for f in dataclasses.fields(Sizes):
+        if f.name == "fleets":
+            continue
+        flag = "--" + re.sub(r"([A-Z])", r"-\1", f.name).lower()
+        p.add_argument(flag, dest=f.name, type=type(getattr(d, f.name)), default=None,
+                       help=f"(default {getattr(d, f.name)})")
+    args = p.parse_args(argv)
+    sizes = dataclasses.replace(SMOKE) if args.smoke else Sizes()
+    if args.fleets is not None:
+        sizes.fleets = args.fleets
+    for f in dataclasses.fields(Sizes):
+        if f.name != "fleets" and getattr(args, f.name) is not None:
+            setattr(sizes, f.name, getattr(args, f.name))
+    args.sizes = sizes
+    unknown = set(args.only) - set(SCENARIOS)
+    if unknown:
+        p.error(f"--only: unknown scenario(s) {', '.join(sorted(unknown))}")
+    args.repeat = args.repeat if args.repeat is not None else (1 if args.smoke else 3)
+    args.json = args.json or os.path.join(ROOT, "var", "bench-smoke.json" if args.smoke else "bench.json")
+    args.docs = args.docs or (os.path.join(ROOT, "var", "bench-smoke-docs") if args.smoke else os.path.join(ROOT, "docs"))
+    settings = json.loads(json.dumps(BASE_SETTINGS))
+    for item in args.set:
+        key, _, value = item.partition("=")
+        section, _, name = key.rpartition(".")
+        if not section or not name or not _:
+            p.error(f"--set wants SECTION.KEY=VALUE, got {item!r}")
+        settings.setdefault(section, {})[name] = value
+    args.settings = settings
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parseArgs(argv)
+    # Agent's readBody on plain loopback HTTP: harmless here.
+    warnings.filterwarnings("ignore", message="Using readBody with a transport", category=DeprecationWarning)
+    # Thousands of connections need file descriptors on both sides (children inherit this).
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    need = max(args.sizes.idle, args.sizes.storm, max(args.sizes.fleets), args.sizes.backlogControllers) + 500
+    if hard < need:
+        sys.exit(f"bench: the open-file hard limit is {hard}; the sizes asked for need {need}")
+
+    async def go(_: Any) -> None:
+        result = await run(args)
+        os.makedirs(os.path.dirname(args.json), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        sys.path.insert(0, HERE)
+        from report import render
+
+        page = render(result, args.docs)
+        log(f"wrote {args.json} and {page}")
+        for v in result["verdicts"]:
+            met = {True: "met", False: "NOT met", None: "no figure"}[v["met"]]
+            print(f"{v['scenario']:9} {v['what']}: {v['value']} {v['unit']} (target {v['target']}: {met})")
+        failed = [name for name, entry in result["scenarios"].items() if "error" in entry]
+        if failed:
+            print(f"FAILED scenarios: {', '.join(failed)}")
+            raise SystemExit(1)
+
+    react(lambda r: Deferred.fromCoroutine(go(r)))
 
 
 if __name__ == "__main__":
-    import resource
-
-    # Idle connections need file descriptors on both sides (the gateway inherits this).
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument("--controllers", type=int, default=50)
-    parser.add_argument("--messages", type=int, default=100_000)
-    parser.add_argument("--window", type=int, default=200)
-    parser.add_argument("--commands", type=int, default=2000)
-    parser.add_argument("--rate", type=float, default=500.0)
-    parser.add_argument("--batch", type=int, default=10_000)
-    parser.add_argument("--enqueue", type=int, default=5000)
-    parser.add_argument("--takeovers", type=int, default=100)
-    parser.add_argument("--idle", type=int, default=5000)
-    options = parser.parse_args()
-    react(lambda r: Deferred.fromCoroutine(main(r, options)))
+    main()
