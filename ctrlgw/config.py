@@ -197,6 +197,7 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("batch_size", inRange(parseInt, 1, 10_000), "500"),
         Key("flush_interval", inRange(parseDuration, 0, 10), "5ms"),
         Key("max_buffered", inRange(parseInt, 1, 10_000_000), "10000"),
+        Key("writers", inRange(parseInt, 1, 16), "2"),
         Key("max_unacked_per_connection", inRange(parseInt, 2, 1_000_000), "1000"),
     ),
     "auth": (
@@ -317,6 +318,7 @@ class InboxConfig:
     batch_size: int
     flush_interval: float
     max_buffered: int
+    writers: int
     max_unacked_per_connection: int
 
 

@@ -10,6 +10,7 @@ the PostgreSQL one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
@@ -93,6 +94,17 @@ class IMessageSink(Interface):
         and only then may it be acked.  Fails with L{Unavailable} (not taken, not acked;
         the controller retransmits), L{Fenced} (the session was superseded) or
         L{Rejected} (this message can never be stored).
+        """
+
+    def accepting(controller: str) -> bool:
+        """
+        Whether a message of C{controller} would be taken now.  When not, the connection
+        stops reading (TCP backpressure) instead of reading what it would have to refuse.
+        """
+
+    def whenAccepting(controller: str, callback: Callable[[], object]) -> None:
+        """
+        Call C{callback} once messages of C{controller} are taken again.
         """
 
 

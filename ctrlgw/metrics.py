@@ -217,6 +217,12 @@ class Metrics:
             ["writer"],
             registry=r,
         )
+        self.inboxBackpressure = Counter(
+            "ctrlgw_inbox_backpressure_total",
+            "Times a connection stopped being read because the inbox had no room for its"
+            " messages (it is read again once the inbox is half empty).",
+            registry=r,
+        )
         self.inboxRefused = Counter(
             "ctrlgw_inbox_refused_total",
             "Messages refused with 'unavailable' because the buffer was full.",

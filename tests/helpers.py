@@ -131,8 +131,31 @@ class MemorySink:
     test calls L{succeed} or L{fail}.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, room: int | None = None) -> None:
         self.submissions: list[Submission] = []
+        # Messages it holds at most before it stops accepting (None: no limit); it
+        # accepts again once half of that is free, as the inbox does.
+        self.room = room
+        self._waiting: list[Callable[[], object]] = []
+
+    @property
+    def inFlight(self) -> int:
+        return sum(1 for s in self.submissions if not s.deferred.called)
+
+    def accepting(self, controller: str) -> bool:
+        return self.room is None or self.inFlight < self.room
+
+    def whenAccepting(self, controller: str, callback: Callable[[], object]) -> None:
+        if self.accepting(controller):
+            callback()
+        else:
+            self._waiting.append(callback)
+
+    def _settled(self) -> None:
+        if self._waiting and self.room is not None and self.inFlight <= self.room // 2:
+            waiting, self._waiting = self._waiting, []
+            for callback in waiting:
+                callback()
 
     def submit(
         self, session: Session, messageId: str, deviceTs: int, body: object
@@ -156,12 +179,14 @@ class MemorySink:
         Say that the (oldest pending) message C{messageId} is safe.
         """
         self._pending(messageId).deferred.callback(None)
+        self._settled()
 
     def fail(self, messageId: str, error: BaseException) -> None:
         """
         Fail the (oldest pending) submission of C{messageId} with C{error}.
         """
         self._pending(messageId).deferred.errback(Failure(error))
+        self._settled()
 
 
 class RecordingTransport(StringTransport):

@@ -930,6 +930,50 @@ class FlowControlTests(ConnectionTestCase):
             self.sink.succeed(messageId)
         self.assertEqual(fake.transport.producerState, "producing")
 
+    def test_fullInboxIsBackpressureNotRefusal(self) -> None:
+        """
+        When the inbox has no room (shared by every connection), the messages read but
+        not yet handled wait, the connection is not read, nothing is refused; once the
+        inbox is half empty the waiting messages go in and reading resumes.
+        """
+        self.sink.room = 2
+        self.context.maxUnacked = 100
+        fake, _ = self.live()
+        self.sendMsgs(fake, "m1", "m2", "m3", "m4", "m5")
+        self.assertEqual(self.sink.messageIds, ["m1", "m2"])
+        self.assertEqual(fake.transport.producerState, "paused")
+        self.assertEqual([f for f in fake.received() if f["type"] == "error"], [])
+        # Room again (half of it free): one more goes in, then the inbox is full again.
+        self.sink.succeed("m1")
+        self.assertEqual(self.sink.messageIds, ["m1", "m2", "m3"])
+        self.assertEqual(fake.transport.producerState, "paused")
+        self.sink.succeed("m2")
+        self.assertEqual(self.sink.messageIds, ["m1", "m2", "m3", "m4"])
+        self.sink.succeed("m3")
+        self.assertEqual(self.sink.messageIds, ["m1", "m2", "m3", "m4", "m5"])
+        self.assertEqual(fake.transport.producerState, "producing")
+        self.sink.succeed("m4")
+        self.sink.succeed("m5")
+        self.assertEqual(
+            [f["ref"] for f in fake.received() if f["type"] == "ack"], ["m1", "m2", "m3", "m4", "m5"]
+        )
+        self.assertEqual([f for f in fake.received() if f["type"] == "error"], [])
+        self.assertEqual(self.value("ctrlgw_inbox_backpressure_total"), 3)
+
+    def test_fullInboxPauseIsNotIdleness(self) -> None:
+        """
+        Not read because the inbox is full: that silence is ours, so the idle timeout
+        does not cut the controller off (what waited too long is refused as stale when
+        it is handled, as any message would be).
+        """
+        self.sink.room = 1
+        fake, _ = self.live()
+        self.sendMsgs(fake, "m1", "m2")
+        self.advance(IDLE_TIMEOUT * 3)
+        self.assertIs(fake.protocol.state, State.LIVE)
+        self.sink.succeed("m1")
+        self.assertEqual(fake.transport.producerState, "producing")
+
     def test_closeUnregistersProducer(self) -> None:
         """
         Closing unregisters the connection as producer (or loseConnection would wait for

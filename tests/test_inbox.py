@@ -65,7 +65,7 @@ class InboxTests(PostgresTestCase):
 
     def makeInbox(self, **config: Any) -> Inbox:
         values: dict[str, Any] = dict(
-            batch_size=200, flush_interval=0.005, max_buffered=10_000,
+            batch_size=200, flush_interval=0.005, max_buffered=10_000, writers=1,
             max_unacked_per_connection=1000,
         )
         values.update(config)
@@ -104,6 +104,40 @@ class InboxTests(PostgresTestCase):
         self.assertEqual(count, [(1000, 1000)])
         self.assertEqual(self.sample("ctrlgw_inbox_buffered_unacked"), 0)
 
+    async def test_writersOverlapAndKeepEachControllersOrder(self) -> None:
+        """
+        With two writers, 20 controllers' messages are written by both at once (two
+        statements in flight), and each controller's messages get inbox ids in the order
+        they arrived.
+        """
+        inbox = self.makeInbox(writers=2, batch_size=50)
+        inFlight = [0]
+        most = [0]
+        write = self.store.writeInbox
+
+        async def counting(rows: Sequence[InboxRow]) -> list[object]:
+            inFlight[0] += 1
+            most[0] = max(most[0], inFlight[0])
+            try:
+                return await write(rows)
+            finally:
+                inFlight[0] -= 1
+
+        self.store.writeInbox = counting  # type: ignore[method-assign]
+        sessions = [await self.session(f"c{i}") for i in range(20)]
+        self.assertEqual(len({id(inbox.writerFor(s.controller)) for s in sessions}), 2)
+        ds = [
+            inbox.submit(sessions[i % 20], f"m{i:04d}", nowMs(), {"i": i}) for i in range(2000)
+        ]
+        await gatherResults(ds)
+        self.assertEqual(most[0], 2)
+        rows = await self.db.runQuery(
+            "t", "SELECT controller_id, array_agg(message_id ORDER BY id) FROM inbox GROUP BY 1"
+        )
+        self.assertEqual(len(rows), 20)
+        for controller, messageIds in rows:
+            self.assertEqual(messageIds, sorted(messageIds), controller)
+
     @deferred
     async def test_poisonMessageIsolated(self) -> None:
         """
@@ -124,7 +158,7 @@ class InboxTests(PostgresTestCase):
         self.assertIsInstance(outcomes[17], Rejected)
         self.assertEqual([o for i, o in enumerate(outcomes) if i != 17], ["ok"] * 39)
         self.assertEqual(await self.stored(ids), set(ids) - {"m17"})
-        self.assertEqual(len(inbox.writer), 0)
+        self.assertEqual(len(inbox), 0)
 
     @deferred
     async def test_firesOnlyAfterCommit(self) -> None:
@@ -228,7 +262,7 @@ class InboxTests(PostgresTestCase):
         db = Database(reactor, databaseConfig(self.schema), Metrics())
         self.addCleanup(db.stop)
         store = RecordingStore(db, "gw-1")
-        inbox = Inbox(reactor, store, InboxConfig(100, 0.005, 1000, 1000), self.inboxMetrics)
+        inbox = Inbox(reactor, store, InboxConfig(100, 0.005, 1000, 1, 1000), self.inboxMetrics)
         session = await self.session("c1")
         ds = [inbox.submit(session, f"m{i}", nowMs(), None) for i in range(10)]
         await sleep(0.3)
@@ -370,5 +404,5 @@ class DurabilityTests(PostgresTestCase):
         await waitUntil(lambda: client.isClosed, 10, what="the client to be disconnected")
         self.assertEqual(client.ackedIds(), ["kept"])
         self.assertEqual([f.get("reason") for f in client.of("bye")], ["shutdown"])
-        self.assertEqual(len(gateway.inbox.writer), 0)
+        self.assertEqual(len(gateway.inbox), 0)
         self.assertEqual(metric(gateway, "ctrlgw_inbox_buffered_unacked"), 0)

@@ -71,6 +71,8 @@ _MAX_DETAIL = 200
 MAX_TS = 2**63 - 1
 _PAUSED_BY_WRITES = "writes"
 _PAUSED_BY_INBOX = "inbox"
+# The inbox is full for this controller: not read until it has room again.
+_PAUSED_BY_SINK = "sink"
 
 
 class _PendingFrames:
@@ -265,22 +267,49 @@ class ControllerProtocol(Protocol):
                 if self.state is State.CLOSED:
                     self.context.metrics.framesDropped.inc(len(frames) - index)
                     return
-                if self.writesPaused:
+                if self._held():
                     # Answers go out as frames are handled; a controller that does not
-                    # read them must not make us buffer the answers to all it sent: the
-                    # rest of this read waits until what we wrote drains.
+                    # read them must not make us buffer the answers to all it sent, and
+                    # messages the inbox has no room for are better left unread than
+                    # read and refused: the rest of this read waits.
                     self._pending.extend(frames[index:])
                     return
                 self._handleFrame(payload)
 
     def _handlePending(self) -> None:
         pending = self._pending
-        while pending and not self.writesPaused:
+        while pending and not self._held():
             if self.state is State.CLOSED:
                 self.context.metrics.framesDropped.inc(len(pending))
                 pending.clear()
                 return
             self._handleFrame(pending.popleft())
+
+    def _held(self) -> bool:
+        """
+        Whether frames must wait: the controller is not reading what we write, or the
+        inbox has no room for its messages (then stop reading until it has).
+        """
+        if self.writesPaused or _PAUSED_BY_SINK in self._pausedBy:
+            return True
+        session = self.session
+        if self.state is State.LIVE and session is not None:
+            sink = self.context.sink
+            if not sink.accepting(session.controller):
+                self._pauseReading(_PAUSED_BY_SINK)
+                self.context.metrics.inboxBackpressure.inc()
+                sink.whenAccepting(session.controller, self._sinkAccepting)
+                return True
+        return False
+
+    def _sinkAccepting(self) -> None:
+        if _PAUSED_BY_SINK not in self._pausedBy:
+            return
+        # We chose not to read: that silence is ours, not the controller's.
+        self._lastHeard = self.context.clock.seconds()
+        self._resumeReading(_PAUSED_BY_SINK)
+        if self.state is not State.CLOSED:
+            self._handlePending()
 
     def _handleFrame(self, payload: bytes) -> None:
         try:
@@ -529,7 +558,7 @@ class ControllerProtocol(Protocol):
                 v1.UNAVAILABLE, "admission took too long; retry later", bye=v1.BYE_UNAVAILABLE
             )
         elif self.state is State.LIVE:
-            if _PAUSED_BY_INBOX in self._pausedBy:
+            if _PAUSED_BY_INBOX in self._pausedBy or _PAUSED_BY_SINK in self._pausedBy:
                 # Not reading by our own choice (its messages are not safe yet).
                 self._lastHeard = now
             if now >= self._lastHeard + ctx.liveness.idle_timeout:
