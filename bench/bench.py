@@ -71,6 +71,9 @@ class Sizes:
     inboundRate: float = 33_000.0  # open-loop offer: the target and 10% headroom
     inboundSeconds: float = 10.0
     inboundProcs: int = 2
+    # Each controller leaves at most this many msgs unacked (closed loop): the figure is the
+    # gateway's capacity, not what piles up in socket buffers past it.
+    inboundWindow: int = 20
     idle: int = 15_000
     idleWindow: float = 30.0
     storm: int = 15_000
@@ -440,7 +443,8 @@ async def scenarioInbound(ctx: Context, gw: GatewayProcess) -> tuple[dict[str, A
     out = await runProcess([
         CTRLGW, "sim", f"127.0.0.1:{gw.port}", "-n", str(sizes.inboundControllers),
         "--prefix", ctx.prefix("in"), "--rate", str(sizes.inboundRate),
-        "--duration", str(sizes.inboundSeconds), "--procs", str(sizes.inboundProcs), "--json", raw,
+        "--duration", str(sizes.inboundSeconds), "--procs", str(sizes.inboundProcs),
+        "--window", str(sizes.inboundWindow), "--json", raw,
     ], onLine)
     summary = json.loads(out)
     with open(raw) as f:

@@ -251,7 +251,10 @@ def render(result: dict[str, Any], docs: str) -> str:
         i = s["inbound"]["median"]
         out.append(f"\n## 3. Inbound messages\n\n`ctrlgw sim` ({z['inboundProcs']} process(es)) with "
                    f"{fmt(z['inboundControllers'])} controllers offers {fmt(z['inboundRate'])} `msg`/s for "
-                   f"{fmt(z['inboundSeconds'])} s, open loop (its pacer does not wait for acks); an `ack` "
+                   f"{fmt(z['inboundSeconds'])} s, each controller leaving at most "
+                   f"{fmt(z.get('inboundWindow', 0))} unacked (the pacer skips a controller at its window, "
+                   "so past the gateway's capacity the offer waits for acks: the figure is capacity, "
+                   "not what piles up in socket buffers); an `ack` "
                    "means the message is committed. Per second: the mean of the whole seconds with the "
                    "fleet connected and the pacer running, from the simulator's progress lines; `unanswered` "
                    "are messages still unacked when the fleet hung up (2 s after the pacer stopped).\n\n")

@@ -65,6 +65,7 @@ class SimOptions:
     backoffMax: float = 30.0
     ack: bool = True
     bodyBytes: int = 16
+    window: int = 0  # msgs a controller leaves unacked at most (0: no limit, open loop)
 
 
 @dataclass
@@ -316,12 +317,26 @@ class Fleet:
                 if not protocol.live or protocol.transport is None:
                     continue
             else:
-                protocol = self._live[self._next % len(self._live)]
-                self._next += 1
+                withRoom = self._nextWithRoom()
+                if withRoom is None:
+                    # Every controller is at its window: the offer waits for acks (closed
+                    # loop), as devices that cap what they leave unacked do.
+                    self._credit = 0.0
+                    return
+                protocol = withRoom
                 self._sequence += 1
                 messageId = f"m{self._sequence}"
                 self._recentIds.append((protocol, messageId))
             protocol.sendMsg(messageId, {"seq": self._sequence, "pad": self._body})
+
+    def _nextWithRoom(self) -> SimController | None:
+        window = self.options.window
+        for _ in range(len(self._live)):
+            protocol = self._live[self._next % len(self._live)]
+            self._next += 1
+            if window <= 0 or len(protocol._pending) < window:
+                return protocol
+        return None
 
     def storm(self) -> None:
         """
@@ -566,6 +581,9 @@ def addArguments(parser: Any) -> None:
     parser.add_argument("--no-ack", dest="ack", action="store_false", help="never ack commands")
     parser.add_argument("--body-bytes", type=int, default=16, dest="bodyBytes",
                         help="padding in each msg body (16)")
+    parser.add_argument("--window", type=int, default=0,
+                        help="msgs a controller leaves unacked at most; the pacer skips it"
+                        " until acks come (0: no limit, an open-loop offer)")
     parser.add_argument("--procs", type=int, default=1,
                         help="simulator processes (each gets its share of the fleet and rate)")
     parser.add_argument("--json", metavar="FILE", default=None,
@@ -591,7 +609,7 @@ def optionsFrom(args: Any) -> SimOptions:
         token=args.token, connectRate=args.connectRate, skew=args.skew,
         duplicates=args.duplicates, stormEvery=args.stormEvery, stormShare=args.stormShare,
         backoffMin=args.backoffMin, backoffMax=args.backoffMax, ack=args.ack,
-        bodyBytes=args.bodyBytes,
+        bodyBytes=args.bodyBytes, window=args.window,
     )
 
 
@@ -609,7 +627,7 @@ def _workerArgv(args: Any, index: int) -> list[str]:
         ("--skew", args.skew), ("--duplicates", args.duplicates),
         ("--storm-every", args.stormEvery), ("--storm-share", args.stormShare),
         ("--backoff-min", args.backoffMin), ("--backoff-max", args.backoffMax),
-        ("--body-bytes", args.bodyBytes),
+        ("--body-bytes", args.bodyBytes), ("--window", args.window),
     ):
         argv += [flag, str(value)]
     if args.token is not None:

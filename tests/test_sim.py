@@ -104,6 +104,23 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual((fleet.stats.msgs, fleet.stats.acks), (100, 1))
         self.assertGreater(fleet.stats.ackMs[0], 0)
 
+    def test_windowClosesTheLoop(self) -> None:
+        """
+        With a window of 3, a controller with 3 msgs unacked gets no more until an ack;
+        with every controller at its window the offer waits.
+        """
+        clock, network, fleet = self.fleet(controllers=2, rate=1000.0, window=3)
+        for _, protocol in network.dials:
+            welcome(protocol)
+        clock.advance(0.5)
+        msgs = {p.controller: [f for f in network.frames(p) if f["type"] == "msg"] for _, p in network.dials}
+        self.assertEqual({c: len(m) for c, m in msgs.items()}, {"sim-0": 3, "sim-1": 3})
+        first = network.dials[0][1]
+        first.dataReceived(json.dumps({"type": "ack", "ts": 1, "ref": msgs["sim-0"][0]["id"]}).encode() + b"\n")
+        clock.advance(0.1)
+        self.assertEqual(len([f for f in network.frames(first) if f["type"] == "msg"]), 4)
+        self.assertEqual(fleet.stats.msgs, 7)
+
     def test_answersPingsAndAcksCommands(self) -> None:
         clock, network, fleet = self.fleet(controllers=1)
         (_, protocol), = network.dials
