@@ -18,10 +18,11 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from ctrlgw.config import ClusterConfig
@@ -34,6 +35,10 @@ from ctrlgw.store.listen import NotificationListener
 from ctrlgw.store.postgres import SessionRow, Store
 
 log = Logger()
+
+
+# Session rows judged per reactor turn.
+_JUDGE_CHUNK = 1000
 
 
 def takeoverChannel(schema: str) -> str:
@@ -157,7 +162,7 @@ class Cluster:
         ):
             return await self.reconcileAll()
         started, rows = await self.store.changedSessions(self._since - self.overlap)
-        result = self._judge(rows)
+        result = await self._judge(rows)
         self._since = started
         self.metrics.reconcileRounds.labels("changed").inc()
         self.metrics.reconcileRows.labels("changed").inc(len(rows))
@@ -179,18 +184,33 @@ class Cluster:
                 if isinstance(c, ControllerProtocol) and c.session is not None
             ]
         )
-        result = self._judge(rows)
+        result = await self._judge(rows)
         self._since = started
         self._lastFull = self.clock.seconds()
         self.metrics.reconcileRounds.labels("full").inc()
         self.metrics.reconcileRows.labels("full").inc(len(rows))
         return result
 
-    def _judge(self, rows: list[SessionRow]) -> tuple[int, int]:
+    async def _judge(self, rows: list[SessionRow]) -> tuple[int, int]:
         """
         Act on session rows read from the database: abort local connections they show
-        are no longer ours, release rows of ours that have no connection here.
+        are no longer ours, release rows of ours that have no connection here.  A large
+        round (after a connect storm) is judged in chunks, letting the reactor run between
+        them: nobody's frames wait behind reconciliation.
         """
+        aborted = released = 0
+        for start in range(0, len(rows), _JUDGE_CHUNK):
+            if start:
+                await deferLater(self.clock, 0, lambda: None)
+            chunk = rows[start : start + _JUDGE_CHUNK]
+            aborted += self._abortSuperseded(chunk)
+            released += self._releaseUnbound(chunk)
+        self.metrics.reconcileAborts.inc(aborted)
+        self.metrics.reconcileReleases.inc(released)
+        self.metrics.sessionsOwned.set(len(self.registry))
+        return aborted, released
+
+    def _abortSuperseded(self, rows: Sequence[SessionRow]) -> int:
         aborted = 0
         # The registry as it is now: connections may have come and gone during the query.
         # One controller has one bound connection here, so the rows say all there is.
@@ -208,6 +228,9 @@ class Cluster:
                 )
                 connection.close(v1.BYE_TAKEOVER)
                 aborted += 1
+        return aborted
+
+    def _releaseUnbound(self, rows: Sequence[SessionRow]) -> int:
         released = 0
         for row in rows:
             if row.instance != self.instance or not row.online:
@@ -221,7 +244,4 @@ class Cluster:
                 continue
             self.ownership.releaseRow(row.controller, row.epoch, "reconciled")
             released += 1
-        self.metrics.reconcileAborts.inc(aborted)
-        self.metrics.reconcileReleases.inc(released)
-        self.metrics.sessionsOwned.set(len(self.registry))
-        return aborted, released
+        return released

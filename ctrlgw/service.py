@@ -11,6 +11,7 @@ port accepts connections only once the instance can serve them.
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 import uuid
@@ -641,6 +642,7 @@ class Gateway:
             settler=self.outbox,
             metrics=self.metrics,
             maxUnacked=config.inbox.max_unacked_per_connection,
+            firstPingPhase=lambda: 0.5 + random.random() / 2,
         )
         self.notifications = NotificationListener(reactor, self.db, cluster.heartbeat_interval)
         self.cluster = Cluster(

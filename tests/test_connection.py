@@ -562,6 +562,30 @@ class PingTests(ConnectionTestCase):
         fake.send({"type": "pong", "echo": ping["ts"]})
         self.assertEqual(self.value("ctrlgw_ping_round_trip_seconds_count"), 1)
 
+    def test_firstPingPhase(self) -> None:
+        """
+        The first ping after the welcome comes at the context's phase of the interval
+        (a fleet that reconnected at once is not pinged at once), every later one a full
+        interval after the one before; a phase outside [0.5, 1] is clamped.
+        """
+        self.context.firstPingPhase = lambda: 0.6
+        fake, _ = self.live()
+        self.advance(PING_INTERVAL * 0.6 - EPS)
+        self.assertEqual(fake.received(), [])
+        self.advance(EPS)
+        (first,) = self.assertFrames(fake, {"type": "ping"})
+        fake.send({"type": "pong", "echo": first["ts"]})
+        self.advance(PING_INTERVAL - EPS)
+        self.assertEqual(fake.received(), [])
+        self.advance(EPS)
+        self.assertFrames(fake, {"type": "ping"})
+        self.context.firstPingPhase = lambda: 0.1
+        other, _ = self.live("c2")
+        self.advance(PING_INTERVAL * 0.5 - EPS)
+        self.assertEqual([f for f in other.received() if f["type"] == "ping"], [])
+        self.advance(EPS)
+        self.assertEqual(len([f for f in other.received() if f["type"] == "ping"]), 1)
+
     def test_pingsKeepComing(self) -> None:
         """
         A controller that answers every ping is pinged every interval and never idles out.

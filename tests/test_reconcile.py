@@ -57,6 +57,28 @@ class ReconcileTests(PostgresTestCase):
         self.assertEqual(clients[7].of("bye")[-1]["reason"], "takeover")
         self.assertEqual([c for c in clients if c.isClosed], [clients[7]])
 
+    async def test_largeRoundJudgedInChunks(self) -> None:
+        """
+        A round of more rows than one chunk (3,000 rows changed elsewhere in the cluster,
+        and the superseded row of a local connection among them) still finds and drops
+        that connection.
+        """
+        a = await self.gateway("gw-a")
+        (client,) = await self.fleet(a, 1)
+        await a.cluster.reconcile()
+        await self.db.runOperation(
+            "test", "INSERT INTO sessions (controller_id, epoch, session_id, instance_id, online)"
+            " SELECT 'x-' || g, g, gen_random_uuid(), 'gw-z', true FROM generate_series(1, 3000) g"
+        )
+        await self.db.runOperation(
+            "test", "UPDATE sessions SET instance_id = 'gw-b', epoch = epoch + 100000"
+            " WHERE controller_id = 'c-0'"
+        )
+        rows = sample(a, "ctrlgw_reconcile_rows_total", {"kind": "changed"})
+        self.assertEqual(await a.cluster.reconcile(), (1, 0))
+        self.assertGreaterEqual(sample(a, "ctrlgw_reconcile_rows_total", {"kind": "changed"}) - rows, 3001)
+        await client.closed
+
     async def test_lateCommitIsCaught(self) -> None:
         """
         A change stamped before a round started but committed after it is found by the

@@ -144,6 +144,9 @@ class ConnectionContext:
     accepting: bool = True
     # Messages one connection may have waiting for their commit before we stop reading it.
     maxUnacked: int = 1000
+    # Where in [0.5, 1] of ping_interval the first ping after the welcome falls: a fleet
+    # that reconnected at once would otherwise be pinged at once, every interval.
+    firstPingPhase: Callable[[], float] = lambda: 1.0
     connections: set[ControllerProtocol] = field(default_factory=set)
     # Open connections per listener, for its max_connections.
     openByListener: dict[str, int] = field(default_factory=dict)
@@ -515,7 +518,8 @@ class ControllerProtocol(Protocol):
             epoch=session.epoch,
             ping_interval=ctx.liveness.ping_interval,
         )
-        self._nextPing = ctx.clock.seconds() + ctx.liveness.ping_interval
+        phase = min(1.0, max(0.5, ctx.firstPingPhase()))
+        self._nextPing = ctx.clock.seconds() + ctx.liveness.ping_interval * phase
         self._armLive()
         ctx.settler.sessionStarted(session)
 
