@@ -643,6 +643,7 @@ class Gateway:
             metrics=self.metrics,
             maxUnacked=config.inbox.max_unacked_per_connection,
             firstPingPhase=lambda: 0.5 + random.random() / 2,
+            pingGrid=0.5,
         )
         self.notifications = NotificationListener(reactor, self.db, cluster.heartbeat_interval)
         self.cluster = Cluster(

@@ -5,6 +5,7 @@ a L{StringTransport}.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -585,6 +586,26 @@ class PingTests(ConnectionTestCase):
         self.assertEqual([f for f in other.received() if f["type"] == "ping"], [])
         self.advance(EPS)
         self.assertEqual(len([f for f in other.received() if f["type"] == "ping"]), 1)
+
+    def test_pingsOnTheGrid(self) -> None:
+        """
+        With a ping grid, pings fall on its slots (rounded up), one interval apart, with
+        no drift even when the timer fires late.
+        """
+        self.context.pingGrid = 1.0
+        self.advance(0.3)  # the welcome comes off the grid
+        fake, _ = self.live()
+        welcomed = self.clock.seconds()
+        firstDue = math.ceil(welcomed + PING_INTERVAL)
+        self.advance(firstDue - welcomed - EPS)
+        self.assertEqual(fake.received(), [])
+        self.advance(EPS + 0.05)  # fired a little late
+        (first,) = self.assertFrames(fake, {"type": "ping"})
+        fake.send({"type": "pong", "echo": first["ts"]})
+        self.advance(firstDue + PING_INTERVAL - self.clock.seconds() - EPS)
+        self.assertEqual(fake.received(), [])
+        self.advance(EPS)
+        self.assertFrames(fake, {"type": "ping"})
 
     def test_pingsKeepComing(self) -> None:
         """

@@ -9,6 +9,7 @@ clock at the moment they are written.
 
 from __future__ import annotations
 
+import math
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -147,6 +148,9 @@ class ConnectionContext:
     # Where in [0.5, 1] of ping_interval the first ping after the welcome falls: a fleet
     # that reconnected at once would otherwise be pinged at once, every interval.
     firstPingPhase: Callable[[], float] = lambda: 1.0
+    # Pings fall on a grid of this many seconds (0: none), so the pings due in one slot go
+    # out in one reactor turn: spread over the interval, yet batched.
+    pingGrid: float = 0.0
     connections: set[ControllerProtocol] = field(default_factory=set)
     # Open connections per listener, for its max_connections.
     openByListener: dict[str, int] = field(default_factory=dict)
@@ -519,7 +523,7 @@ class ControllerProtocol(Protocol):
             ping_interval=ctx.liveness.ping_interval,
         )
         phase = min(1.0, max(0.5, ctx.firstPingPhase()))
-        self._nextPing = ctx.clock.seconds() + ctx.liveness.ping_interval * phase
+        self._nextPing = self._onPingGrid(ctx.clock.seconds() + ctx.liveness.ping_interval * phase)
         self._armLive()
         ctx.settler.sessionStarted(session)
 
@@ -575,8 +579,15 @@ class ControllerProtocol(Protocol):
                 return
             if now >= self._nextPing:
                 self._lastPingTs = self._send("ping")
-                self._nextPing = now + ctx.liveness.ping_interval
+                # From the slot it was due in, not from now: it stays on the grid.
+                self._nextPing = max(
+                    self._nextPing + ctx.liveness.ping_interval, self._onPingGrid(now)
+                )
             self._armLive()
+
+    def _onPingGrid(self, at: float) -> float:
+        grid = self.context.pingGrid
+        return math.ceil(at / grid) * grid if grid > 0 else at
 
     def _armLive(self) -> None:
         # The next thing due on a live connection: a ping, or the idle deadline.
