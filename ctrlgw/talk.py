@@ -56,6 +56,9 @@ class TalkingController(LineReceiver):
         self.done: Deferred[None] = Deferred()
         # What was typed before the welcome waits for it (the gateway would refuse it).
         self._waiting: list[dict[str, Any]] | None = []
+        # Input ended (piped input, say): hang up once what was sent has been answered.
+        self._inputEnded = False
+        self._unanswered: set[str] = set()
 
     def connectionMade(self) -> None:
         hello: dict[str, Any] = {"type": "hello", "controller": self.controller}
@@ -65,6 +68,8 @@ class TalkingController(LineReceiver):
 
     def send(self, frame: dict[str, Any]) -> None:
         frame.setdefault("ts", wallMillis(self.reactor))
+        if frame.get("type") == "msg" and isinstance(frame.get("id"), str):
+            self._unanswered.add(frame["id"])
         line = json.dumps(frame, separators=(",", ":"))
         self.out.write(f"> {line}\n")
         self.out.flush()
@@ -82,6 +87,10 @@ class TalkingController(LineReceiver):
             waiting, self._waiting = self._waiting, None
             for early in waiting:
                 self.send(early)
+            self._hangUpIfDone()
+        elif frame.get("type") in ("ack", "error"):
+            self._unanswered.discard(str(frame.get("ref")))
+            self._hangUpIfDone()
         elif frame.get("type") == "ping":
             self.send({"type": "pong", "echo": frame.get("ts")})
         elif frame.get("type") == "cmd" and self.autoAck:
@@ -99,6 +108,20 @@ class TalkingController(LineReceiver):
             self._waiting.append(frame)
         else:
             self.send(frame)
+
+    def endOfInput(self) -> None:
+        """
+        Nothing more will be typed: hang up once welcomed and every msg sent is answered.
+        """
+        self._inputEnded = True
+        self._hangUpIfDone()
+
+    def _hangUpIfDone(self) -> None:
+        if (
+            self._inputEnded and self._waiting is None and not self._unanswered
+            and self.transport is not None
+        ):
+            self.transport.loseConnection()
 
     def connectionLost(self, reason: object = None) -> None:
         self.out.write("connection closed\n")
@@ -132,15 +155,12 @@ async def talk(
     keyboard: Callable[[Protocol], object] | None = None,
 ) -> None:
     """
-    Talk until the gateway closes the connection or standard input ends.
+    Talk until the gateway closes the connection, or standard input has ended and every
+    msg sent has been answered (so C{echo ... | ctrlgw talk} sends it and shows its ack).
     """
     protocol = TalkingController(reactor, controller, token, autoAck, out)
     await connectProtocol(TCP4ClientEndpoint(reactor, host, port), protocol)
-    def hangUp() -> None:
-        if protocol.transport is not None:
-            protocol.transport.loseConnection()
-
-    reader = _Keyboard(protocol.typed, hangUp)
+    reader = _Keyboard(protocol.typed, protocol.endOfInput)
     if keyboard is None:
         from twisted.internet.stdio import StandardIO
 

@@ -100,6 +100,28 @@ class TalkTests(PostgresTestCase):
         self.assertTrue(out.getvalue().endswith("connection closed\n"))
 
     @deferred
+    async def test_pipedInput(self) -> None:
+        """
+        A line and the end of input, both before the welcome (as `echo ... | ctrlgw talk`
+        gives them): talk waits for the welcome, sends the msg, hangs up once it is acked.
+        """
+        gateway = await startGateway(self, self.dsn, self.schema, "gw-talk")
+        out = io.StringIO()
+        keyboards: list[Any] = []
+        done = Deferred.fromCoroutine(
+            talk(reactor, "127.0.0.1", listenerPort(gateway), "pipe-1", None, True, out,
+                 keyboard=keyboards.append)
+        )
+        await waitUntil(lambda: keyboards, 10)
+        keyboards[0].onLine('{"t": 21.5}')
+        keyboards[0].onEnd()
+        await done
+        received = [json.loads(line[2:]) for line in out.getvalue().splitlines() if line.startswith("< ")]
+        self.assertEqual([f["type"] for f in received], ["welcome", "ack"])
+        rows = await self.db.runQuery("t", "SELECT body FROM inbox WHERE controller_id = 'pipe-1'")
+        self.assertEqual(rows, [({"t": 21.5},)])
+
+    @deferred
     async def test_nobodyThere(self) -> None:
         """
         Nothing listening: one line and exit status 1.
