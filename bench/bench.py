@@ -266,12 +266,12 @@ class TimedFleet(Fleet):
         self.lostAt: dict[str, float] = {}
 
     def welcomed(self, protocol: SimController) -> None:
-        self.welcomedAt[protocol.controller] = self.clock.seconds()
+        self.welcomedAt[protocol.controller] = self.reactor.seconds()
         super().welcomed(protocol)
 
     def lost(self, protocol: SimController) -> None:
         if protocol.live:
-            self.lostAt[protocol.controller] = self.clock.seconds()
+            self.lostAt[protocol.controller] = self.reactor.seconds()
         super().lost(protocol)
 
 

@@ -131,9 +131,10 @@ class BatchWriter(Generic[T]):
                 raise
             if len(items) == 1:
                 self._onRejected()
+                reason = _firstLine(e)
                 log.warn("{name}: the database rejected a row: {error}", name=self.name,
-                         error=_firstLine(e))
-                return [Rejected(_firstLine(e))]
+                         error=reason)
+                return [Rejected(reason)]
             # Halves are written one after another: a transient failure in either fails
             # the whole batch, which is retried (every flush function is idempotent).
             middle = len(items) // 2

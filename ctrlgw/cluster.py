@@ -162,11 +162,7 @@ class Cluster:
         ):
             return await self.reconcileAll()
         started, rows = await self.store.changedSessions(self._since - self.overlap)
-        result = await self._judge(rows)
-        self._since = started
-        self.metrics.reconcileRounds.labels("changed").inc()
-        self.metrics.reconcileRows.labels("changed").inc(len(rows))
-        return result
+        return await self._round("changed", started, rows)
 
     async def reconcileAll(self) -> tuple[int, int]:
         """
@@ -184,11 +180,17 @@ class Cluster:
                 if isinstance(c, ControllerProtocol) and c.session is not None
             ]
         )
+        self._lastFull = self.clock.seconds()
+        return await self._round("full", started, rows)
+
+    async def _round(self, kind: str, started: float, rows: list[SessionRow]) -> tuple[int, int]:
+        """
+        Judge a round's rows; the next round reads the changes since this one started.
+        """
         result = await self._judge(rows)
         self._since = started
-        self._lastFull = self.clock.seconds()
-        self.metrics.reconcileRounds.labels("full").inc()
-        self.metrics.reconcileRows.labels("full").inc(len(rows))
+        self.metrics.reconcileRounds.labels(kind).inc()
+        self.metrics.reconcileRows.labels(kind).inc(len(rows))
         return result
 
     async def _judge(self, rows: list[SessionRow]) -> tuple[int, int]:

@@ -56,27 +56,36 @@ class Inbox:
             for index in range(count)
         ]
         self._waiting: list[list[Callable[[], object]]] = [[] for _ in range(count)]
+        # Which writers are full: asked for every frame, so no hashing while none is.
+        self._full: set[int] = set()
         # Read when scraped: counting on every message would cost more than the message.
         metrics.inboxBuffered.set_function(lambda: len(self))
 
     def __len__(self) -> int:
         return sum(len(writer) for writer in self.writers)
 
-    def writerFor(self, controller: str) -> BatchWriter[InboxRow]:
+    def _indexFor(self, controller: str) -> int:
         # crc32, not hash(): the same controller lands on the same writer in every process.
-        return self.writers[zlib.crc32(controller.encode()) % len(self.writers)]
+        return zlib.crc32(controller.encode()) % len(self.writers)
+
+    def writerFor(self, controller: str) -> BatchWriter[InboxRow]:
+        return self.writers[self._indexFor(controller)]
 
     def accepting(self, controller: str) -> bool:
-        return not self.writerFor(controller).full
+        return not self._full or self._indexFor(controller) not in self._full
 
     def whenAccepting(self, controller: str, callback: Callable[[], object]) -> None:
-        writer = self.writerFor(controller)
-        if not writer.full:
+        index = self._indexFor(controller)
+        if not self.writers[index].full:
             callback()
             return
-        self._waiting[self.writers.index(writer)].append(callback)
+        self._waiting[index].append(callback)
 
     def _bufferedChanged(self, index: int, buffered: int) -> None:
+        if buffered >= self.writers[index].maxBuffered:
+            self._full.add(index)
+        else:
+            self._full.discard(index)
         waiting = self._waiting[index]
         # Resume only once half is free: readers come back in one go, not one by one.
         if waiting and buffered <= self.writers[index].maxBuffered // 2:

@@ -114,7 +114,6 @@ class Outbox:
         """
         self.wake(None if payload == "*" else payload.split(","), "notify")
 
-
     def sessionStarted(self, session: Session) -> None:
         self.wake([session.controller], "connect")
 

@@ -21,7 +21,6 @@ connection comes back) reads it and closes the connection (C{bye} C{takeover}).
 from __future__ import annotations
 
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from ctrlgw.metrics import Metrics
@@ -49,14 +48,12 @@ class Revocations:
 
     def __init__(
         self,
-        clock: IReactorTime,
         store: Store,
         registry: ConnectionRegistry,
         ownership: PostgresOwnership,
         metrics: Metrics,
         listener: NotificationListener,
     ) -> None:
-        self.clock = clock
         self.store = store
         self.registry = registry
         self.ownership = ownership

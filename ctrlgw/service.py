@@ -349,14 +349,9 @@ class DatabaseService(Service):
         self.embedded: EmbeddedPostgres | None = None
         self._up = Latch()
         self._starting: Deferred[None] | None = None
-        db.onUpChanged(self._upChanged)
 
     def whenUp(self) -> Deferred[None]:
         return self._up.wait()
-
-    def _upChanged(self, up: bool) -> None:
-        if up:
-            self._up.set()
 
     def check(self) -> tuple[bool, str]:
         return self.db.up, "up" if self.db.up else "unreachable"
@@ -375,8 +370,8 @@ class DatabaseService(Service):
             dsn = await self.embedded.start()
             if not self.running:
                 return  # Stopped meanwhile; stopService stops the embedded server.
-        # Fires once the database is up (whenUp); nothing to wait for here.
-        self.db.start(dsn)
+        # Fires once the first connection is up: that is whenUp.
+        self.db.start(dsn).addCallback(lambda _: self._up.set())
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -651,7 +646,7 @@ class Gateway:
             self.notifications, lambda: self.instanceSkew,
         )
         self.revocations = Revocations(
-            reactor, self.store, self.registry, self.ownership, self.metrics, self.notifications
+            self.store, self.registry, self.ownership, self.metrics, self.notifications
         )
         self.notifications.subscribe(
             commandsChannel(self.db.schema), self.outbox.doorbell,

@@ -30,7 +30,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.interfaces import IDelayedCall, ITCPTransport
 from twisted.internet.protocol import ProcessProtocol, Protocol
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
 
 from ctrlgw.clock import wallMillis
@@ -123,10 +123,10 @@ class SimController(Protocol):
     # --- writing ---
 
     def now(self) -> float:
-        return self.fleet.clock.seconds()
+        return self.fleet.reactor.seconds()
 
     def send(self, kind: str, **fields: Any) -> None:
-        ts = wallMillis(self.fleet.clock) + int(self.fleet.options.skew * 1000)
+        ts = wallMillis(self.fleet.reactor) + int(self.fleet.options.skew * 1000)
         assert self.transport is not None
         self.transport.write(self.framing.frame(v1.encode(kind, ts, **fields)))
 
@@ -204,7 +204,6 @@ class Fleet:
         rng: random.Random | None = None,
         connect: Callable[[tuple[str, int], SimController], Deferred[Any]] | None = None,
     ) -> None:
-        self.clock = reactor
         self.reactor = reactor
         self.options = options
         self.rng = rng if rng is not None else random.Random()
@@ -240,16 +239,16 @@ class Fleet:
         for i, name in enumerate(names):
             self._endpoint[name] = i % len(self.options.endpoints)
             delay = i / self.options.connectRate if self.options.connectRate > 0 else 0.0
-            self._timers[name] = self.clock.callLater(delay, self._dial, name)
+            self._timers[name] = self.reactor.callLater(delay, self._dial, name)
         if self.options.rate > 0:
             # withCount: ticks the reactor was too busy to run still count, so the rate
             # holds under load.
             self._pacer = LoopingCall.withCount(self._pace)
-            self._pacer.clock = self.clock
+            self._pacer.clock = self.reactor
             self._pacer.start(_TICK, now=False)
         if self.options.stormEvery > 0:
             self._storm = LoopingCall(self.storm)
-            self._storm.clock = self.clock
+            self._storm.clock = self.reactor
             self._storm.start(self.options.stormEvery, now=False)
 
     def _connectTcp(self, endpoint: tuple[str, int], protocol: SimController) -> Deferred[Any]:
@@ -278,7 +277,7 @@ class Fleet:
         self._failures[name] = failures
         # Like a device behind a multiplexer: the next attempt goes to the next endpoint.
         self._endpoint[name] = (self._endpoint[name] + 1) % len(self.options.endpoints)
-        self._timers[name] = self.clock.callLater(self._backoff(failures), self._dial, name)
+        self._timers[name] = self.reactor.callLater(self._backoff(failures), self._dial, name)
 
     def welcomed(self, protocol: SimController) -> None:
         self._failures.pop(protocol.controller, None)
@@ -351,7 +350,7 @@ class Fleet:
         Enqueue to read, when the body says when it was sent (C{"sent_ms"}, as C{make
         bench} sends), else gateway write to read.
         """
-        now = self.clock.seconds() * 1000
+        now = self.reactor.seconds() * 1000
         body = frame.get("body")
         if isinstance(body, dict) and isinstance(body.get("sent_ms"), int | float):
             return now - body["sent_ms"]
@@ -436,24 +435,18 @@ async def runSim(
     ticker = LoopingCall(lambda: report(fleet.stats, reactor.seconds() - started))
     ticker.clock = reactor
     ticker.start(1.0, now=False)
-    await _sleep(reactor, options.duration)
+    await deferLater(reactor, options.duration, lambda: None)
     # Stop sending, give the acks in flight a moment (bounded), then hang up.
     fleet.stopSending()
     for _ in range(int(_DRAIN / _TICK)):
         if not fleet.awaitingAcks():
             break
-        await _sleep(reactor, _TICK)
+        await deferLater(reactor, _TICK, lambda: None)
     ticker.stop()
     fleet.stop()
     # Let the closes go out before the summary.
-    await _sleep(reactor, 0.2)
+    await deferLater(reactor, 0.2, lambda: None)
     return fleet.stats
-
-
-def _sleep(reactor: Any, seconds: float) -> Deferred[None]:
-    d: Deferred[None] = Deferred()
-    reactor.callLater(seconds, d.callback, None)
-    return d
 
 
 class ProgressPrinter:

@@ -30,8 +30,9 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from ctrlgw.framing import FramingError, findFraming
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.connection import MAX_TS, ControllerProtocol, State
+from ctrlgw.protocol.connection import ControllerProtocol, State
 from ctrlgw.protocol.factory import ControllerFactory, RefusedConnection
+from ctrlgw.protocol.messages import MAX_TS
 from tests.gateways import (
     LineController,
     connectController,

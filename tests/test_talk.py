@@ -58,8 +58,30 @@ class FrameForTests(SynchronousTestCase):
         self.assertNotEqual(frameFor("a")["id"], frameFor("a")["id"])
 
 
+def receivedFrames(out: io.StringIO) -> list[dict[str, Any]]:
+    """
+    The frames talk printed as received (its C{< } lines).
+    """
+    return [json.loads(line[2:]) for line in out.getvalue().splitlines() if line.startswith("< ")]
+
+
 class TalkTests(PostgresTestCase):
     timeout = 60
+
+    async def talking(self, controller: str) -> tuple[Any, io.StringIO, Any, Deferred[None]]:
+        """
+        A real gateway and talk connected to it as C{controller}, with a keyboard the
+        test types on: (gateway, talk's output, keyboard, talk's end).
+        """
+        gateway = await startGateway(self, self.dsn, self.schema, "gw-talk")
+        out = io.StringIO()
+        keyboards: list[Any] = []
+        done = Deferred.fromCoroutine(
+            talk(reactor, "127.0.0.1", listenerPort(gateway), controller, None, True, out,
+                 keyboard=keyboards.append)
+        )
+        await waitUntil(lambda: keyboards, 10)
+        return gateway, out, keyboards[0], done
 
     @deferred
     async def test_conversation(self) -> None:
@@ -67,15 +89,7 @@ class TalkTests(PostgresTestCase):
         talk says hello, sends what is typed (text as a msg body, JSON as it is) once
         welcomed, prints what the gateway sends and acks its commands.
         """
-        gateway = await startGateway(self, self.dsn, self.schema, "gw-talk")
-        out = io.StringIO()
-        keyboards: list[Any] = []
-        done = Deferred.fromCoroutine(
-            talk(reactor, "127.0.0.1", listenerPort(gateway), "hand-1", None, True, out,
-                 keyboard=keyboards.append)
-        )
-        await waitUntil(lambda: keyboards, 10)
-        (keyboard,) = keyboards
+        gateway, out, keyboard, done = await self.talking("hand-1")
         keyboard.onLine("typed before the welcome")
         keyboard.onLine('{"type": "msg", "id": "j-1", "body": [1]}')
         await waitUntil(lambda: out.getvalue().count('"type":"ack"') == 2, 10)
@@ -84,7 +98,7 @@ class TalkTests(PostgresTestCase):
         keyboard.onEnd()
         await done
 
-        received = [json.loads(line[2:]) for line in out.getvalue().splitlines() if line.startswith("< ")]
+        received = receivedFrames(out)
         self.assertEqual([f["type"] for f in received][:3], ["welcome", "ack", "ack"])
         rows = await self.db.runQuery(
             "t", "SELECT message_id, body FROM inbox WHERE controller_id = 'hand-1' ORDER BY id"
@@ -105,18 +119,11 @@ class TalkTests(PostgresTestCase):
         A line and the end of input, both before the welcome (as `echo ... | ctrlgw talk`
         gives them): talk waits for the welcome, sends the msg, hangs up once it is acked.
         """
-        gateway = await startGateway(self, self.dsn, self.schema, "gw-talk")
-        out = io.StringIO()
-        keyboards: list[Any] = []
-        done = Deferred.fromCoroutine(
-            talk(reactor, "127.0.0.1", listenerPort(gateway), "pipe-1", None, True, out,
-                 keyboard=keyboards.append)
-        )
-        await waitUntil(lambda: keyboards, 10)
-        keyboards[0].onLine('{"t": 21.5}')
-        keyboards[0].onEnd()
+        _, out, keyboard, done = await self.talking("pipe-1")
+        keyboard.onLine('{"t": 21.5}')
+        keyboard.onEnd()
         await done
-        received = [json.loads(line[2:]) for line in out.getvalue().splitlines() if line.startswith("< ")]
+        received = receivedFrames(out)
         self.assertEqual([f["type"] for f in received], ["welcome", "ack"])
         rows = await self.db.runQuery("t", "SELECT body FROM inbox WHERE controller_id = 'pipe-1'")
         self.assertEqual(rows, [({"t": 21.5},)])

@@ -22,6 +22,10 @@ CONTROLLER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # matches can never be refused by the database and jam a settlement batch.
 COMMAND_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 MAX_ID_LENGTH = 128
+# ts and echo go back out in frames, and into bigint columns: a bigger number would make a
+# pong too long for its frame.
+MAX_TS = 2**63 - 1
+_tsRangeDetail = f"'ts' and 'echo' must be integers of at most {MAX_TS}"
 MAX_TOKEN_LENGTH = 512
 MAX_REASON_LENGTH = 1024
 
@@ -183,6 +187,8 @@ def decode(payload: bytes) -> Inbound:
             "strings must not contain \\u0000 or unpaired surrogates",
             ref if ref is not None and _storable(ref) else None,
         )
+    if ts > MAX_TS:
+        raise ProtocolError(BAD_MESSAGE, _tsRangeDetail, ref)
     return message
 
 
@@ -222,6 +228,8 @@ def _decodePong(obj: dict[str, Any], ts: int) -> Pong:
     echo = obj.get("echo")
     if not _isInt(echo):
         raise ProtocolError(BAD_MESSAGE, "'echo' must be the ping's integer ts")
+    if echo > MAX_TS:
+        raise ProtocolError(BAD_MESSAGE, _tsRangeDetail)
     return Pong(ts=ts, echo=echo)
 
 

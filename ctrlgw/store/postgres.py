@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg2 import DataError, IntegrityError
 
@@ -147,6 +147,16 @@ LEFT JOIN sessions s ON s.changed_at > to_timestamp(%s)
 
 # Local sessions per reconcile statement: bounds how long its row locks are held.
 _RECONCILE_CHUNK = 5000
+
+# A controller's (token hash, enabled), or None when it is not registered.
+Credentials = tuple[bytes, bool] | None
+
+T = TypeVar("T")
+
+
+def _chunks(items: Sequence[T]) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), _RECONCILE_CHUNK):
+        yield items[start : start + _RECONCILE_CHUNK]
 
 _REGISTER_INSTANCE = """
 WITH cleaned AS (
@@ -449,8 +459,7 @@ class Store:
         every local controller and every row this instance owns.
         """
         rows = []
-        for start in range(0, len(local), _RECONCILE_CHUNK):
-            chunk = local[start : start + _RECONCILE_CHUNK]
+        for chunk in _chunks(local):
             rows += await self.db.runQuery(
                 "reconcile_local",
                 _RECONCILE_LOCAL,
@@ -542,23 +551,17 @@ class Store:
         return [None] * len(events)
 
     async def controllerCredentials(self, controller: str) -> tuple[bytes, bool] | None:
-        rows = await self.db.runQuery(
-            "controller_credentials",
-            "SELECT token_sha256, enabled FROM controllers WHERE controller_id = %s",
-            (controller,),
-        )
-        if not rows:
-            return None
-        return bytes(rows[0][0]), bool(rows[0][1])
+        (credentials,) = await self.lookupCredentials([controller])
+        return credentials
 
-    async def lookupCredentials(self, controllers: Sequence[str]) -> list[object]:
+    async def lookupCredentials(self, controllers: Sequence[str]) -> list[Credentials]:
         """
         The (token hash, enabled) of each controller, or C{None} for one not registered:
         the hellos of a batch in one statement.
         """
         return await self._credentials("controller_credentials_batch", controllers, "")
 
-    async def recheckCredentials(self, controllers: Sequence[str]) -> list[object]:
+    async def recheckCredentials(self, controllers: Sequence[str]) -> list[Credentials]:
         """
         L{lookupCredentials} again, after the claims have committed, under a share lock: a
         revocation that has changed a row but not yet committed is waited for, and one that
@@ -568,14 +571,14 @@ class Store:
             "controller_credentials_recheck", controllers, " ORDER BY controller_id FOR SHARE"
         )
 
-    async def _credentials(self, name: str, controllers: Sequence[str], lock: str) -> list[object]:
+    async def _credentials(self, name: str, controllers: Sequence[str], lock: str) -> list[Credentials]:
         rows = await self.db.runQuery(
             name,
             "SELECT controller_id, token_sha256, enabled FROM controllers"
             " WHERE controller_id = ANY (%s::text[])" + lock,
             (list(controllers),),
         )
-        found = {c: (bytes(h), bool(e)) for c, h, e in rows}
+        found: dict[str, Credentials] = {c: (bytes(h), bool(e)) for c, h, e in rows}
         return [found.get(c) for c in controllers]
 
     async def revokedSessions(self, local: Sequence[tuple[str, int]]) -> list[str]:
@@ -585,8 +588,7 @@ class Store:
         per 5,000.
         """
         found: list[str] = []
-        for start in range(0, len(local), _RECONCILE_CHUNK):
-            chunk = local[start : start + _RECONCILE_CHUNK]
+        for chunk in _chunks(local):
             rows = await self.db.runQuery(
                 "revoked_sessions",
                 "SELECT s.controller_id FROM unnest(%s::text[], %s::bigint[]) AS l(controller_id, epoch)"
