@@ -202,6 +202,10 @@ def makeParser() -> argparse.ArgumentParser:
     talkParser.add_argument("--token", default=None, help="the controller's token ([auth] token)")
     talkParser.add_argument("--no-ack", dest="autoAck", action="store_false",
                             help="do not ack commands (answer them by hand)")
+    talkParser.add_argument("--dialect", choices=("v1", "ocpp1.6"), default="v1",
+                            help="v1 frames over lines, or an OCPP 1.6J charge point over WebSocket")
+    talkParser.add_argument("--path", default="/ocpp/",
+                            help="ocpp1.6: the listener's path before the charge point id")
     talkParser.set_defaults(handler=None, needsSchema=False)
 
     simParser = commands.add_parser(
@@ -284,7 +288,8 @@ async def _talk(reactor: Any, args: argparse.Namespace, out: TextIO) -> int:
     if not host or not port.isdigit():
         raise CommandFailed(f"expected HOST:PORT, got {args.address!r}", EXIT_USAGE)
     try:
-        await talk(reactor, host, int(port), args.controller, args.token, args.autoAck, out)
+        await talk(reactor, host, int(port), args.controller, args.token, args.autoAck, out,
+                   dialect=args.dialect, path=args.path)
     except ConnectError as e:
         raise CommandFailed(f"cannot connect to {args.address}: {_firstLine(e)}") from None
     return EXIT_OK
@@ -565,6 +570,10 @@ async def _send(ctx: Context) -> int:
     status = await ctx.store.commandStatus(command)
     detail = (status or {}).get("detail") or ""
     ctx.out.write(f"{state}{': ' + detail if detail else ''}\n")
+    result = (status or {}).get("result")
+    if result is not None:
+        # What the device answered, where its dialect carries an answer (OCPP).
+        ctx.out.write(json.dumps(result, sort_keys=True) + "\n")
     return EXIT_OK if state == "acked" else EXIT_FAILURE
 
 

@@ -29,7 +29,6 @@ from ctrlgw.config import ClusterConfig
 from ctrlgw.metrics import Metrics
 from ctrlgw.ownership import PostgresOwnership
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.connection import ControllerProtocol
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.store.listen import NotificationListener
 from ctrlgw.store.postgres import SessionRow, Store
@@ -128,7 +127,6 @@ class Cluster:
         connection = self.registry.supersededBy(controller, epoch)
         if connection is None:
             return
-        assert isinstance(connection, ControllerProtocol)
         connection.close(v1.BYE_TAKEOVER)
         self.metrics.takeovers.labels("local" if owner == self.instance else "remote").inc()
         # Claim time is on the database clock; correct for this instance's skew.
@@ -177,7 +175,7 @@ class Cluster:
             [
                 (c.session.controller, c.session.epoch, max(0.0, now - c.lastHeard))
                 for c in self.registry
-                if isinstance(c, ControllerProtocol) and c.session is not None
+                if c.session is not None
             ]
         )
         self._lastFull = self.clock.seconds()
@@ -218,7 +216,7 @@ class Cluster:
         # One controller has one bound connection here, so the rows say all there is.
         for row in rows:
             connection = self.registry.lookup(row.controller)
-            if not isinstance(connection, ControllerProtocol) or connection.session is None:
+            if connection is None or connection.session is None:
                 continue
             session = connection.session
             if row.epoch < session.epoch:

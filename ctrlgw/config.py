@@ -12,7 +12,7 @@ from __future__ import annotations
 import configparser
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ctrlgw.framing import FramingOptionError, IFraming, findFraming
@@ -101,6 +101,25 @@ def inRange(
         return value
 
     return parseBounded
+
+
+def orInherit(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """
+    C{parse}, or C{None} for an empty value: the setting is inherited.
+    """
+
+    def parseOptional(raw: str) -> Any:
+        return None if not raw.strip() else parse(raw)
+
+    return parseOptional
+
+
+def parseNames(raw: str) -> tuple[str, ...]:
+    """
+    A comma-separated list of names, in order, without repeats.
+    """
+    names = [name.strip() for name in raw.split(",") if name.strip()]
+    return tuple(dict.fromkeys(names))
 
 
 _IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -236,20 +255,29 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
 _LISTENER_PREFIX = "listener:"
 _LISTENER_KEYS: tuple[Key, ...] = (
     Key("endpoint", parseText, ""),
+    Key("dialect", parseText, "v1"),
+    # A dialect that brings its own framing ignores the default.
     Key("framing", parseText, "lines"),
     # The gateway's own frames must always fit: an ack or error echoes an id of up to
     # 128 characters (512 bytes of UTF-8).
     Key("max_frame", inRange(parseInt, 1024, 16 * 1024 * 1024), "65536"),
     # 0: unlimited.  The default leaves 1000 descriptors of a 20000 ulimit -n for the rest.
     Key("max_connections", inRange(parseInt, 0, 1_000_000), "19000"),
+    # Empty: [timestamps] max_age and max_future.
+    Key("max_age", orInherit(inRange(parseDuration, 0.001, 3650 * 86400)), ""),
+    Key("max_future", orInherit(inRange(parseDuration, 0, 3650 * 86400)), ""),
 )
 
 
 def sectionKeys() -> Mapping[str, tuple[Key, ...]]:
     """
-    Every fixed section and its keys, for documentation and tests.
+    Every fixed section and its keys, for documentation and tests; a listener's include
+    the keys of every built-in dialect.
     """
-    return dict(_SECTIONS, **{_LISTENER_PREFIX + "NAME": _LISTENER_KEYS})
+    from ctrlgw.dialects import builtinDialects
+
+    dialectKeys = tuple(key for dialect in builtinDialects() for key in dialect.keys)
+    return dict(_SECTIONS, **{_LISTENER_PREFIX + "NAME": _LISTENER_KEYS + dialectKeys})
 
 
 # --- the typed result ---
@@ -262,7 +290,24 @@ class ListenerConfig:
     framing: str
     max_frame: int
     max_connections: int
-    makeFraming: Callable[[], IFraming] = field(compare=False, repr=False)
+    # None: the framing is the dialect's own business (it implies one).
+    makeFraming: Callable[[], IFraming] | None = field(compare=False, repr=False)
+    dialect: str = "v1"
+    # None: as in [timestamps].
+    max_age: float | None = None
+    max_future: float | None = None
+    # The values of the dialect's own keys.
+    options: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+    def timestampPolicy(self, defaults: TimestampConfig) -> TimestampConfig:
+        """
+        This listener's timestamp policy: its own max_age and max_future where set.
+        """
+        return replace(
+            defaults,
+            max_age=defaults.max_age if self.max_age is None else self.max_age,
+            max_future=defaults.max_future if self.max_future is None else self.max_future,
+        )
 
 
 @dataclass(frozen=True)
@@ -521,20 +566,45 @@ def parseConfig(
 
 def _parseListener(source: str, name: str, items: Mapping[str, str]) -> ListenerConfig:
     section = _LISTENER_PREFIX + name
-    own = {k.name for k in _LISTENER_KEYS}
+    from ctrlgw.dialects import findDialect
+
     values = _parseKeys(source, section, items, _LISTENER_KEYS)
     if not values["endpoint"]:
         raise ConfigError(source, section, "endpoint", "required, e.g. tcp:7000")
     try:
-        factory = findFraming(values["framing"])
+        dialect = findDialect(values["dialect"])
     except KeyError as e:
-        raise ConfigError(source, section, "framing", str(e.args[0])) from None
+        raise ConfigError(source, section, "dialect", str(e.args[0])) from None
+    options = _parseKeys(source, section, items, dialect.keys)
+    own = {k.name for k in _LISTENER_KEYS} | {k.name for k in dialect.keys}
     extra = {k: v for k, v in items.items() if k not in own}
+    makeFraming: Callable[[], IFraming] | None = None
+    if dialect.framing is not None:
+        # The dialect brings its framing: the key may only name it.
+        if items.get("framing", dialect.framing).strip() != dialect.framing:
+            raise ConfigError(
+                source, section, "framing",
+                f"dialect {dialect.name} implies framing {dialect.framing}; leave it out",
+            )
+        values["framing"] = dialect.framing
+        if extra:
+            key = sorted(extra)[0]
+            raise ConfigError(source, section, key, f"unknown key for dialect {dialect.name}")
+    else:
+        try:
+            factory = findFraming(values["framing"])
+        except KeyError as e:
+            raise ConfigError(source, section, "framing", str(e.args[0])) from None
+        try:
+            makeFraming = factory.configure(values["max_frame"], extra)
+        except FramingOptionError as e:
+            raise ConfigError(source, section, e.key, e.reason) from None
     try:
-        makeFraming = factory.configure(values["max_frame"], extra)
-    except FramingOptionError as e:
-        raise ConfigError(source, section, e.key, e.reason) from None
-    return ListenerConfig(name=name, makeFraming=makeFraming, **values)
+        dialect.check(options)
+    except ValueError as e:
+        key, _, reason = str(e).partition(": ")
+        raise ConfigError(source, section, key, reason) from None
+    return ListenerConfig(name=name, makeFraming=makeFraming, options=options, **values)
 
 
 def loadConfig(path: str, overrides: Overrides = Overrides()) -> GatewayConfig:

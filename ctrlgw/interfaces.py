@@ -108,14 +108,60 @@ class IMessageSink(Interface):
         """
 
 
+class IControllerConnection(Interface):
+    """
+    One controller's connection, whatever its dialect: what the registry, the outbox,
+    reconciliation and revocation need of it.
+    """
+
+    session = Attribute("The L{Session} it was admitted to, or C{None} before that.")
+    live = Attribute("Whether it is admitted and not closing: commands may be written.")
+    lastHeard = Attribute("When it was last heard from (clock seconds).")
+    writesPaused = Attribute("Whether it has stopped reading what we write.")
+    maxInflight = Attribute(
+        "Commands written and not yet answered that its dialect allows at once, or C{None} "
+        "for the gateway's C{max_inflight}."
+    )
+
+    def deliver(commandId: str, body: object, expiresMs: int) -> bool:
+        """
+        Write a command now unless the connection is not live or the command has expired.
+
+        @return: whether it was written.
+        @raise ctrlgw.framing.FramingError: it does not fit one frame.
+        @raise ValueError: its body is not one this dialect can write (the message says
+            why).
+        """
+
+    def reply(messageId: str, payload: object) -> bool:
+        """
+        Answer the controller's request C{messageId} with an application's payload.
+
+        @return: whether it was written: the request is still waiting for an answer.
+        """
+
+    def replyError(messageId: str, code: str, description: str) -> bool:
+        """
+        Answer the controller's request C{messageId} with an error.
+        """
+
+    def close(reason: str) -> None:
+        """
+        Close on purpose for C{reason} (a bye reason: C{takeover}, C{revoked}, ...).
+        """
+
+
 class ICommandSettler(Interface):
     """
     Hears what controllers answered to commands.
     """
 
-    def settle(session: Session, ref: str, ok: bool, reason: str) -> None:
+    def settle(
+        session: Session, ref: str, ok: bool, reason: str, result: object = None
+    ) -> None:
         """
-        The controller acked (C{ok}) or nacked the command C{ref} on C{session}.
+        The controller acked (C{ok}) or nacked the command C{ref} on C{session}, with the
+        C{result} its dialect carries (a JSON value; C{None}: none).
         """
 
     def sessionStarted(session: Session) -> None:

@@ -255,3 +255,25 @@ class Metrics:
             "ctrlgw_pruned_rows_total", "Rows removed by retention, by table.", ["table"],
             registry=r,
         )
+
+        # Dialects: timestamps stored with a flag, and device requests answered by applications.
+        self.timestampsFlagged = Counter(
+            "ctrlgw_timestamps_flagged_total",
+            "Messages stored although their timestamp is outside the listener's policy"
+            " (stale, future): dialects whose devices replay old records by design.",
+            ["reason"],
+            registry=r,
+        )
+        self.repliesWaiting = Gauge(
+            "ctrlgw_replies_waiting",
+            "Device requests stored and waiting for an application's reply().",
+            registry=r,
+        )
+        self.replies = Counter(
+            "ctrlgw_replies_total",
+            "Replies to device requests, by outcome: written, invalid (not valid for the"
+            " request; the device got an error), timed_out (none within reply_timeout),"
+            " late (arrived after the request was given up or its session ended).",
+            ["outcome"],
+            registry=r,
+        )

@@ -11,6 +11,7 @@ Acks and nacks are settled in batches and only for the session the command was s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -23,7 +24,6 @@ from ctrlgw.config import OutboxConfig
 from ctrlgw.framing import FramingError
 from ctrlgw.interfaces import ICommandSettler, Session
 from ctrlgw.metrics import Metrics
-from ctrlgw.protocol.connection import ControllerProtocol, State
 from ctrlgw.protocol.messages import COMMAND_ID, RawJSON
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.store.postgres import (
@@ -75,12 +75,12 @@ class Outbox:
         self._claiming = False
         self._retries: dict[str, IDelayedCall] = {}
         self._stopped = False
-        self._settlements: BatchWriter[tuple[str, str, int, bool, str]] = BatchWriter(
+        self._settlements: BatchWriter[tuple[str, str, int, bool, str, str | None]] = BatchWriter(
             clock, self._settleBatch, batchSize=500, interval=0.002, maxBuffered=100_000,
             name="command settlements", isolate=rejectsRow,
             onRejected=metrics.rowsRejected.labels("settlements").inc,
         )
-        self._unsent: BatchWriter[tuple[str, int, int, str]] = BatchWriter(
+        self._unsent: BatchWriter[tuple[str, int, int, str, str]] = BatchWriter(
             clock, store.unsendCommands,
             batchSize=500, interval=0.002, maxBuffered=100_000, name="unsent commands",
             isolate=rejectsRow, onRejected=metrics.rowsRejected.labels("unsent").inc,
@@ -151,11 +151,7 @@ class Outbox:
         targets = []
         for controller, source in pending.items():
             connection = self.registry.lookup(controller)
-            if (
-                isinstance(connection, ControllerProtocol)
-                and connection.state is State.LIVE
-                and connection.session is not None
-            ):
+            if connection is not None and connection.live and connection.session is not None:
                 targets.append((connection.session, source))
         return targets
 
@@ -166,13 +162,28 @@ class Outbox:
             # Past _MAX_DUE, the rest wait for the next poll.
             for controller in due:
                 self._woken.setdefault(controller, source)
-        targets = self._takeTargets()
+        # One claim per in-flight limit: a dialect may allow fewer than max_inflight
+        # (OCPP: one CALL at a time), so a round makes at most one claim per dialect.
+        byLimit: dict[int, list[tuple[Session, str]]] = {}
+        for session, source in self._takeTargets():
+            byLimit.setdefault(self._inflightLimit(session.controller), []).append(
+                (session, source)
+            )
+        for limit, targets in byLimit.items():
+            await self._claimFor(targets, limit)
+
+    def _inflightLimit(self, controller: str) -> int:
+        connection = self.registry.lookup(controller)
+        limit = connection.maxInflight if connection is not None else None
+        return self.config.max_inflight if limit is None else min(limit, self.config.max_inflight)
+
+    async def _claimFor(self, targets: list[tuple[Session, str]], maxInflight: int) -> None:
         for start in range(0, len(targets), self.config.claim_batch):
             chunk = targets[start : start + self.config.claim_batch]
             started = self.clock.seconds()
             claimed = await self.store.claimCommands(
                 [(session.controller, session.epoch) for session, _ in chunk],
-                self.config.max_inflight,
+                maxInflight,
                 self.config.max_attempts,
                 self.config.ack_timeout,
                 self.config.backoff,
@@ -193,7 +204,7 @@ class Outbox:
     def _write(self, command: ClaimedCommand) -> None:
         connection = self.registry.lookup(command.controller)
         if (
-            not isinstance(connection, ControllerProtocol)
+            connection is None
             or connection.session is None
             or connection.session.epoch != command.epoch
             # Not reading what we write: back to pending, resent when it drains.
@@ -206,8 +217,11 @@ class Outbox:
         except FramingError:
             self._report(command, TOO_LARGE)
             return
+        except ValueError as e:
+            self._report(command, UNDELIVERABLE, str(e))
+            return
         if not written:
-            expired = connection.state is State.LIVE
+            expired = connection.live
             self._report(command, EXPIRED_AT_WRITE if expired else NOT_WRITTEN)
             return
         if command.attempts > 1:
@@ -217,8 +231,8 @@ class Outbox:
         delay = self.config.ack_timeout * self.config.backoff ** (command.attempts - 1)
         self._scheduleRetry(command.controller, delay)
 
-    def _report(self, command: ClaimedCommand, outcome: str) -> None:
-        d = self._unsent.add((command.id, command.epoch, command.claim, outcome))
+    def _report(self, command: ClaimedCommand, outcome: str, detail: str = "") -> None:
+        d = self._unsent.add((command.id, command.epoch, command.claim, outcome, detail))
         if outcome != NOT_WRITTEN:
             # Once that is recorded, the command is finished: the next one in line may go.
             # (Waking before the report commits would claim against a head still 'sent'.)
@@ -255,17 +269,22 @@ class Outbox:
 
     # --- answers from controllers ---
 
-    def settle(self, session: Session, ref: str, ok: bool, reason: str) -> None:
+    def settle(
+        self, session: Session, ref: str, ok: bool, reason: str, result: object = None
+    ) -> None:
         if not COMMAND_ID.fullmatch(ref):
             log.debug("{controller} answered an unknown command {ref!r}",
                       controller=session.controller, ref=ref)
             return
-        d = self._settlements.add((ref, session.controller, session.epoch, ok, reason))
+        resultJson = None if result is None else json.dumps(result)
+        d = self._settlements.add((ref, session.controller, session.epoch, ok, reason, resultJson))
         d.addCallback(lambda _: self.wake([session.controller], "settle"))
         d.addErrback(lambda f: log.warn("could not settle command {ref}: {error}", ref=ref,
                                         error=f.getErrorMessage()))
 
-    async def _settleBatch(self, rows: Sequence[tuple[str, str, int, bool, str]]) -> Sequence[object]:
+    async def _settleBatch(
+        self, rows: Sequence[tuple[str, str, int, bool, str, str | None]]
+    ) -> Sequence[object]:
         settled = await self.store.settleCommands(rows)
         now = self._databaseNow()
         for _, state, createdAt in settled:

@@ -10,23 +10,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Protocol
 
-from ctrlgw.interfaces import Session
-
-
-class Registrable(Protocol):
-    """
-    What the registry needs of a connection.
-    """
-
-    @property
-    def session(self) -> Session | None: ...
+from ctrlgw.interfaces import IControllerConnection
 
 
 class ConnectionRegistry:
     def __init__(self, rememberSuperseded: int = 100_000) -> None:
-        self._byController: dict[str, Registrable] = {}
+        self._byController: dict[str, IControllerConnection] = {}
         # The newest epoch announced by other instances per controller (bounded, oldest
         # forgotten first): a claim that completes here after a newer one was announced
         # elsewhere must lose at once, even though nothing was bound to kill yet.
@@ -36,7 +26,7 @@ class ConnectionRegistry:
     def __len__(self) -> int:
         return len(self._byController)
 
-    def bind(self, connection: Registrable) -> Registrable | None:
+    def bind(self, connection: IControllerConnection) -> IControllerConnection | None:
         """
         Register C{connection} for its session's controller.
 
@@ -59,7 +49,7 @@ class ConnectionRegistry:
         self._byController[session.controller] = connection
         return current
 
-    def unbind(self, connection: Registrable) -> bool:
+    def unbind(self, connection: IControllerConnection) -> bool:
         """
         Forget C{connection} if, and only if, it is the registered one: a late loss of a
         superseded connection leaves its successor in place.
@@ -70,10 +60,10 @@ class ConnectionRegistry:
         del self._byController[session.controller]
         return True
 
-    def lookup(self, controller: str) -> Registrable | None:
+    def lookup(self, controller: str) -> IControllerConnection | None:
         return self._byController.get(controller)
 
-    def supersededBy(self, controller: str, epoch: int) -> Registrable | None:
+    def supersededBy(self, controller: str, epoch: int) -> IControllerConnection | None:
         """
         Note that C{controller} has a session of C{epoch} elsewhere, and return the
         registered connection of C{controller} if its epoch is lower: the one to drop.
@@ -88,5 +78,5 @@ class ConnectionRegistry:
             return current
         return None
 
-    def __iter__(self) -> Iterator[Registrable]:
+    def __iter__(self) -> Iterator[IControllerConnection]:
         return iter(list(self._byController.values()))

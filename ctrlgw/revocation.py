@@ -26,7 +26,6 @@ from twisted.logger import Logger
 from ctrlgw.metrics import Metrics
 from ctrlgw.ownership import PostgresOwnership
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.connection import ControllerProtocol
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.store.listen import NotificationListener
 from ctrlgw.store.postgres import Store
@@ -82,14 +81,14 @@ class Revocations:
         local = [
             (c.session.controller, c.session.epoch)
             for c in self.registry
-            if isinstance(c, ControllerProtocol) and c.session is not None
+            if c.session is not None
         ]
         revoked = await self.store.revokedSessions(local)
         return sum(self._close(controller, "checked") for controller in revoked)
 
     def _close(self, controller: str, scope: str) -> bool:
         connection = self.registry.lookup(controller)
-        if not isinstance(connection, ControllerProtocol) or connection.session is None:
+        if connection is None or connection.session is None:
             return False
         log.info(
             "{controller} revoked: closing its session (epoch {epoch})",

@@ -49,6 +49,7 @@ from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.connection import ConnectionContext
 from ctrlgw.protocol.factory import ControllerFactory
 from ctrlgw.registry import ConnectionRegistry
+from ctrlgw.replies import Replies, repliesChannel
 from ctrlgw.revocation import Revocations
 from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import EmbeddedPostgres
@@ -652,6 +653,13 @@ class Gateway:
             commandsChannel(self.db.schema), self.outbox.doorbell,
             lambda: self.outbox.wake(None, "poll"),
         )
+        self.replies = Replies(reactor, self.store, self.registry, self.metrics)
+        self.notifications.subscribe(
+            repliesChannel(self.db.schema), self.replies.doorbell,
+            lambda: ensureDeferred(self.replies.poll()).addErrback(
+                lambda f: log.warn("polling replies failed: {error}", error=f.getErrorMessage())
+            ),
+        )
         self.instanceSkew: float | None = None
         self.db.onUpChanged(self._databaseUpChanged)
 
@@ -727,6 +735,7 @@ class Gateway:
     async def _pollOutbox(self) -> None:
         if self.cluster.registered:
             await self.outbox.poll()
+            await self.replies.poll()
 
     # --- periodic jobs ---
 
@@ -798,5 +807,6 @@ class Gateway:
         # stop retrying it, or the writers would go on after the service stopped.
         self.inbox.abandon()
         self.outbox.abandon()
+        self.replies.stop()
         self.ownership.abandon()
         self.events.abandon()

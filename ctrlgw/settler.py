@@ -22,11 +22,16 @@ class RecordingSettler:
         self.keep = keep
         self.answers: list[tuple[Session, str, bool, str]] = []
         self.started: list[Session] = []
+        self.results: list[object] = []
 
-    def settle(self, session: Session, ref: str, ok: bool, reason: str) -> None:
+    def settle(
+        self, session: Session, ref: str, ok: bool, reason: str, result: object = None
+    ) -> None:
         log.debug("{controller} {verdict} {ref}", controller=session.controller,
                   verdict="acked" if ok else "nacked", ref=ref)
         self.answers.append((session, ref, ok, reason))
+        self.results.append(result)
+        del self.results[: -self.keep]
         del self.answers[: -self.keep]
 
     def sessionStarted(self, session: Session) -> None:

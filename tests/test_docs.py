@@ -29,6 +29,7 @@ from ctrlgw.interfaces import Unavailable
 from ctrlgw.metrics import Metrics
 from ctrlgw.outbox import commandsChannel, resultsChannel
 from ctrlgw.protocol import messages as v1
+from ctrlgw.replies import repliesChannel
 from ctrlgw.store.postgres import Store
 from ctrlgw.web import MAX_REQUEST_BODY, Readiness, makeRoot, makeSite
 from tests.docs import ROOT, Table, codeSpans, document, documents, jsonDocuments, jsonValues
@@ -38,7 +39,9 @@ from tests.pg import PostgresTestCase
 # The schema the docs' examples use: the default of [database] schema.
 [_SCHEMA_KEY] = [k for k in sectionKeys()["database"] if k.name == "schema"]
 DOC_SCHEMA = _SCHEMA_KEY.default
-CHANNELS = {f(DOC_SCHEMA) for f in (takeoverChannel, commandsChannel, resultsChannel)}
+CHANNELS = {
+    f(DOC_SCHEMA) for f in (takeoverChannel, commandsChannel, resultsChannel, repliesChannel)
+}
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 LOOKS_LIKE_TIME = re.compile(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d")

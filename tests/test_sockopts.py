@@ -83,7 +83,7 @@ class SocketOptionsTests(TestCase):
         (listener,) = config.listeners
         # The protocol's own timers run on a fake clock: nothing is left on the reactor.
         context = makeContext(config, makeClock())
-        factory = ObservedFactory(context, listener.name, listener.makeFraming)
+        factory = ObservedFactory(context, listener)
         port = reactor.listenTCP(0, factory, interface="127.0.0.1")  # type: ignore[attr-defined]
         portNumber: int = port.getHost().port  # type: ignore[attr-defined]
         self.addCleanup(port.stopListening)

@@ -5,7 +5,7 @@ Finding framings by name: the built-ins plus any installed plugins.
 
 from __future__ import annotations
 
-from twisted.plugin import getPlugins
+from ctrlgw.plugins import pluginNamed, pluginsByName
 
 from ._int32 import int32Framing
 from ._interface import IFramingFactory
@@ -17,22 +17,12 @@ _builtinFramings: tuple[IFramingFactory, ...] = (linesFraming, int32Framing, net
 
 def availableFramings() -> dict[str, IFramingFactory]:
     """
-    Every framing a listener can name, by name.
-
-    Plugins are looked up afresh on every call (L{getPlugins} keeps its own
-    C{dropin.cache}), so a framing installed while the process runs is
-    found the next time.  A plugin that reuses a built-in's name does not
-    replace the built-in: the built-ins are part of the gateway's contract
-    and must not change meaning because some package was installed.  Among
-    plugins sharing a name, the first one found wins.
+    Every framing a listener can name, by name: the built-ins and installed plugins
+    (L{ctrlgw.plugins.pluginsByName}).
 
     @return: A new mapping of framing name to factory.
     """
-    framings: dict[str, IFramingFactory] = {}
-    for plugin in getPlugins(IFramingFactory):
-        framings.setdefault(plugin.name, plugin)
-    framings.update((builtin.name, builtin) for builtin in _builtinFramings)
-    return framings
+    return pluginsByName(IFramingFactory, _builtinFramings)
 
 
 def findFraming(name: str) -> IFramingFactory:
@@ -42,9 +32,4 @@ def findFraming(name: str) -> IFramingFactory:
     @raise KeyError: If no framing has that name; the message lists the
         names that are known.
     """
-    framings = availableFramings()
-    try:
-        return framings[name]
-    except KeyError:
-        known = ", ".join(sorted(framings))
-        raise KeyError(f"unknown framing {name!r}; known framings: {known}") from None
+    return pluginNamed(availableFramings(), name, "framing")

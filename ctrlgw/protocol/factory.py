@@ -13,9 +13,10 @@ from twisted.internet.protocol import Protocol, ServerFactory
 
 from ctrlgw.clock import wallMillis
 from ctrlgw.config import ListenerConfig
+from ctrlgw.dialects import findDialect
 from ctrlgw.framing import IFraming
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.connection import ConnectionContext, ControllerProtocol
+from ctrlgw.protocol.session import ConnectionContext
 from ctrlgw.protocol.sockopts import applyToTransport
 
 # The reason label of ctrlgw_connections_refused_total for a full listener.
@@ -50,22 +51,19 @@ class RefusedConnection(Protocol):
 
 
 class ControllerFactory(ServerFactory):
+    """
+    Builds the connections of one listener, in its dialect.
+    """
+
     def __init__(
         self,
         context: ConnectionContext,
-        listener: str,
-        makeFraming: Callable[[], IFraming],
+        listener: ListenerConfig,
         applySocketOptions: Callable[[Any], object] | None = None,
-        maxConnections: int = 0,
     ) -> None:
-        """
-        @param maxConnections: Open connections on this listener past which a new one is
-            refused (L{RefusedConnection}); 0 for no limit.
-        """
         self.context = context
         self.listener = listener
-        self.makeFraming = makeFraming
-        self.maxConnections = maxConnections
+        self.dialect = findDialect(listener.dialect)
         if applySocketOptions is None:
 
             def applySocketOptions(transport: Any) -> object:
@@ -73,7 +71,7 @@ class ControllerFactory(ServerFactory):
 
         self.applySocketOptions = applySocketOptions
         self._refused = context.metrics.connectionsRefused.labels(
-            listener, REFUSED_MAX_CONNECTIONS
+            listener.name, REFUSED_MAX_CONNECTIONS
         )
 
     @classmethod
@@ -81,20 +79,17 @@ class ControllerFactory(ServerFactory):
         """
         The factory of the listener C{listener} describes.
         """
-        return cls(
-            context, listener.name, listener.makeFraming, maxConnections=listener.max_connections
-        )
+        return cls(context, listener)
 
     def buildProtocol(self, addr: IAddress | None) -> Protocol:
-        limit = self.maxConnections
-        if limit and self.context.openByListener.get(self.listener, 0) >= limit:
+        listener = self.listener
+        limit = listener.max_connections
+        if limit and self.context.openByListener.get(listener.name, 0) >= limit:
             self._refused.inc()
-            return RefusedConnection(
-                self.context, self.makeFraming(),
-                f"listener {self.listener} is at max_connections ({limit}); retry later",
+            return self.dialect.refuseConnection(
+                self.context, listener,
+                f"listener {listener.name} is at max_connections ({limit}); retry later",
             )
-        protocol = ControllerProtocol(
-            self.context, self.listener, self.makeFraming(), self.applySocketOptions
-        )
+        protocol = self.dialect.buildProtocol(self.context, listener, self.applySocketOptions)
         protocol.factory = self
         return protocol

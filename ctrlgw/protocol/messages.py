@@ -154,6 +154,25 @@ def _storable(value: object) -> bool:
     return True
 
 
+def loadJSON(payload: bytes) -> Any:
+    """
+    Parse UTF-8 JSON as PostgreSQL will accept it: no NaN or Infinity, no number out of
+    a double's range.
+
+    @raise ValueError: it is not such JSON (C{UnicodeDecodeError} and C{RecursionError}
+        included).
+    """
+    try:
+        return json.loads(
+            payload.decode("utf-8"), parse_constant=_rejectConstant, parse_float=_finiteFloat
+        )
+    except RecursionError as e:
+        raise ValueError("nested too deeply") from e
+
+
+storable = _storable
+
+
 def decode(payload: bytes) -> Inbound:
     """
     Decode one frame's payload.
@@ -161,10 +180,8 @@ def decode(payload: bytes) -> Inbound:
     @raise ProtocolError: with the code the gateway answers with.
     """
     try:
-        obj = json.loads(
-            payload.decode("utf-8"), parse_constant=_rejectConstant, parse_float=_finiteFloat
-        )
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        obj = loadJSON(payload)
+    except ValueError as e:
         raise ProtocolError(BAD_JSON, f"not a UTF-8 JSON document: {e}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_JSON, "a frame must be a JSON object")

@@ -307,9 +307,11 @@ UPDATE commands c SET
                       THEN 'ttl passed before it was written'
                   WHEN u.outcome = 'expired_at_write'
                       THEN 'ttl passed without an ack after ' || (c.attempts - 1) || ' sends'
-                  WHEN u.outcome = 'undeliverable' THEN 'the gateway could not write it'
+                  WHEN u.outcome = 'undeliverable'
+                      THEN coalesce(nullif(u.detail, ''), 'the gateway could not write it')
                   ELSE 'does not fit in one frame' END
-FROM unnest(%s::uuid[], %s::bigint[], %s::integer[], %s::text[]) AS u(id, epoch, claim, outcome)
+FROM unnest(%s::uuid[], %s::bigint[], %s::integer[], %s::text[], %s::text[])
+    AS u(id, epoch, claim, outcome, detail)
 -- The very claim the report is about: not an earlier one, not a later one.
 WHERE c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
   -- Not written, but already put back to pending because its session ended: undo the
@@ -320,9 +322,9 @@ WHERE c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
 _SETTLE_COMMANDS = """
 UPDATE commands c SET
     state = CASE WHEN s.ok THEN 'acked' ELSE 'nacked' END, finished_at = now(),
-    next_attempt_at = NULL, detail = s.reason, last_instance = %s
-FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::boolean[], %s::text[])
-    AS s(id, controller_id, epoch, ok, reason)
+    next_attempt_at = NULL, detail = s.reason, last_instance = %s, result = s.result::jsonb
+FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::boolean[], %s::text[], %s::text[])
+    AS s(id, controller_id, epoch, ok, reason, result)
 WHERE c.id = s.id AND c.controller_id = s.controller_id AND c.state = 'sent'
   AND c.sent_epoch = s.epoch
 RETURNING c.id::text, c.state, extract(epoch FROM c.created_at)::float8
@@ -383,6 +385,55 @@ JOIN sessions s ON s.controller_id = c.controller_id AND s.online AND s.instance
 WHERE c.state IN ('pending', 'sent')
 GROUP BY c.state
 """
+
+
+_CLAIM_REPLIES = """
+WITH local AS (
+    SELECT * FROM unnest(%s::text[], %s::bigint[]) AS l(controller_id, epoch)
+), taken AS (
+    -- Every reply for these sessions and the ones before them: a reply for an older
+    -- session can never be written (its request died with it).
+    DELETE FROM replies r USING local l
+    WHERE r.controller_id = l.controller_id AND r.epoch <= l.epoch
+    RETURNING r.controller_id, r.message_id, r.epoch, l.epoch AS local_epoch,
+        r.payload::text AS payload, r.error_code, r.error_description
+)
+SELECT t.controller_id, t.message_id, t.epoch, t.payload, t.error_code, t.error_description,
+    -- Fencing: written only on the session the request arrived on, if it is ours and current.
+    t.epoch = t.local_epoch AND EXISTS (
+        SELECT 1 FROM sessions s WHERE s.controller_id = t.controller_id AND s.epoch = t.epoch
+                                   AND s.online AND s.instance_id = %s) AS current
+FROM taken t
+"""
+
+# The lost-NOTIFY fallback for replies, and their retention: a reply an hour old has no
+# request waiting for it (reply_timeout is at most an hour).
+_DUE_REPLIES = """
+WITH expired AS (
+    DELETE FROM replies WHERE created_at < now() - interval '1 hour' RETURNING 1
+)
+SELECT DISTINCT r.controller_id FROM replies r
+JOIN sessions s ON s.controller_id = r.controller_id AND s.epoch = r.epoch AND s.online
+               AND s.instance_id = %s
+LIMIT %s
+"""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """
+    An application's answer to a device's request.  C{payload} is JSON text, or C{None}
+    for an error reply (C{code}, C{description}).
+    """
+
+    controller: str
+    messageId: str
+    epoch: int
+    payload: str | None
+    code: str | None
+    description: str | None
+    # Whether it may be written: for a session that is current and this instance's.
+    current: bool
 
 
 class Store:
@@ -658,11 +709,14 @@ class Store:
         )
         return [ClaimedCommand(*row) for row in rows]
 
-    async def unsendCommands(self, rows: Sequence[tuple[str, int, int, str]]) -> list[object]:
+    async def unsendCommands(
+        self, rows: Sequence[tuple[str, int, int, str] | tuple[str, int, int, str, str]]
+    ) -> list[object]:
         """
-        Report claimed commands that were not written: (id, epoch, claim, outcome) with
-        outcome L{NOT_WRITTEN}, L{EXPIRED_AT_WRITE}, L{TOO_LARGE} or L{UNDELIVERABLE}.
-        Idempotent: a report changes only the claim it names, once.
+        Report claimed commands that were not written: (id, epoch, claim, outcome[,
+        detail]) with outcome L{NOT_WRITTEN}, L{EXPIRED_AT_WRITE}, L{TOO_LARGE} or
+        L{UNDELIVERABLE} (whose detail, when given, says why).  Idempotent: a report
+        changes only the claim it names, once.
         """
         await self.db.runOperation(
             "outbox_unsend",
@@ -673,9 +727,29 @@ class Store:
                 [r[1] for r in rows],
                 [r[2] for r in rows],
                 [r[3] for r in rows],
+                [r[4] if len(r) > 4 else "" for r in rows],
             ),
         )
         return [None] * len(rows)
+
+    async def claimReplies(self, sessions: Sequence[tuple[str, int]]) -> list[Reply]:
+        """
+        Take the replies waiting for these local sessions (controller, epoch) and for the
+        sessions before them, in one statement.
+        """
+        rows = await self.db.runQuery(
+            "replies_claim",
+            _CLAIM_REPLIES,
+            ([c for c, _ in sessions], [e for _, e in sessions], self.instance),
+        )
+        return [Reply(*row) for row in rows]
+
+    async def dueReplies(self, limit: int) -> list[str]:
+        """
+        Controllers held here with a reply waiting (and old replies pruned).
+        """
+        rows = await self.db.runQuery("replies_due", _DUE_REPLIES, (self.instance, limit))
+        return [r[0] for r in rows]
 
     async def dueControllers(self, maxAttempts: int, limit: int) -> list[str]:
         """
@@ -690,11 +764,13 @@ class Store:
         return [r[0] for r in rows]
 
     async def settleCommands(
-        self, rows: Sequence[tuple[str, str, int, bool, str]]
+        self, rows: Sequence[tuple[str, str, int, bool, str] | tuple[str, str, int, bool, str, str | None]]
     ) -> list[tuple[str, str, float]]:
         """
-        Acks and nacks: (id, controller, epoch, ok, reason).  Only a command sent on that
-        very session is settled.  Returns (id, state, created_at) of those that were.
+        Acks and nacks: (id, controller, epoch, ok, reason[, result]), C{result} the
+        JSON text of what the controller answered, if its dialect carries one.  Only a
+        command sent on that very session is settled.  Returns (id, state, created_at) of
+        those that were.
         """
         result = await self.db.runQuery(
             "outbox_settle",
@@ -706,6 +782,7 @@ class Store:
                 [r[2] for r in rows],
                 [r[3] for r in rows],
                 [r[4] for r in rows],
+                [r[5] if len(r) > 5 else None for r in rows],
             ),
         )
         return [(i, st, float(created)) for i, st, created in result]
