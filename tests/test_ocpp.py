@@ -808,3 +808,92 @@ class TalkOcppTests(PostgresTestCase):
         self.assertEqual(status["result"] if status else None, {"status": "Accepted"})
         self.assertIn("< upgraded, subprotocol ocpp1.6", out.getvalue())
         self.assertTrue(out.getvalue().endswith("connection closed\n"))
+
+
+class RefusedUpgradeTests(SynchronousTestCase):
+    def test_overMaxConnections(self) -> None:
+        """
+        Past max_connections an OCPP listener answers 503 with Retry-After, as HTTP (a
+        charge point understands no v1 frame), and closes.
+        """
+        from ctrlgw.protocol.factory import ControllerFactory
+
+        config = ocppConfig(max_connections="1")
+        context = makeContext(config, clock=makeClock())
+        factory = ControllerFactory.fromConfig(context, config.listeners[0])
+        first = factory.buildProtocol(None)
+        first.makeConnection(RecordingTransport())
+        refused = factory.buildProtocol(None)
+        transport = RecordingTransport()
+        refused.makeConnection(transport)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 503 "))
+        self.assertIn(b"retry-after: 10", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertIsInstance(first, OcppProtocol)
+
+
+class ReplySqlTests(PostgresTestCase):
+    async def request(self) -> None:
+        await self.db.runOperation(
+            "t", "INSERT INTO sessions (controller_id, epoch, session_id, instance_id, online)"
+            " VALUES ('CP-9', 4, gen_random_uuid(), 'gw', true)", ())
+        await self.db.runOperation(
+            "t", "INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch,"
+            " body) VALUES ('CP-9', 'r1', now(), 'gw', 4, '{}')", ())
+
+    async def refused(self, sql: str, *args: object) -> str:
+        try:
+            await self.db.runQuery("t", sql, args)
+        except Exception as e:
+            return str(e)
+        raise AssertionError(f"accepted: {sql}")
+
+    @deferred
+    async def test_replyQueuedOnceWithTheRequestsEpoch(self) -> None:
+        await self.request()
+        first = await self.db.runQuery("t", "SELECT reply('CP-9', 'r1', '{\"a\": 1}')", ())
+        again = await self.db.runQuery("t", "SELECT reply('CP-9', 'r1', '{\"a\": 2}')", ())
+        self.assertEqual((first[0][0], again[0][0]), (True, False))
+        rows = await self.db.runQuery("t", "SELECT epoch, payload FROM replies", ())
+        self.assertEqual(rows, [(4, {"a": 1})])
+
+    @deferred
+    async def test_refusals(self) -> None:
+        await self.request()
+        self.assertIn("must be a JSON object",
+                      await self.refused("SELECT reply('CP-9', 'r1', '[1]')"))
+        self.assertIn("sent no message",
+                      await self.refused("SELECT reply('CP-9', 'nope', '{}')"))
+        self.assertIn("unknown error code",
+                      await self.refused("SELECT reply_error('CP-9', 'r1', 'Oops', 'x')"))
+        ok = await self.db.runQuery(
+            "t", "SELECT reply_error('CP-9', 'r1', 'NotSupported', repeat('x', 300))", ())
+        self.assertTrue(ok[0][0])
+        rows = await self.db.runQuery(
+            "t", "SELECT error_code, length(error_description) FROM replies", ())
+        self.assertEqual(rows, [("NotSupported", 255)])
+
+    @deferred
+    async def test_claimFencedByEpoch(self) -> None:
+        """
+        Taking the replies of a session returns only those of that very epoch, owned by
+        this instance, as current; older ones are taken (dropped) but not current.
+        """
+        from ctrlgw.store.postgres import Store
+
+        await self.request()
+        await self.db.runOperation(
+            "t", "INSERT INTO replies (controller_id, message_id, epoch, payload) VALUES"
+            " ('CP-9', 'old', 3, '{}'), ('CP-9', 'r1', 4, '{\"x\": 1}'),"
+            " ('CP-9', 'newer', 5, '{}')", ())
+        store = Store(self.db, "gw")
+        replies = {r.messageId: r.current for r in await store.claimReplies([("CP-9", 4)])}
+        self.assertEqual(replies, {"old": False, "r1": True})
+        left = await self.db.runQuery("t", "SELECT message_id FROM replies", ())
+        self.assertEqual(left, [("newer",)])
+        other = Store(self.db, "gw-other")
+        await self.db.runOperation(
+            "t", "INSERT INTO replies (controller_id, message_id, epoch, payload) VALUES"
+            " ('CP-9', 'r2', 4, '{}')", ())
+        self.assertEqual([r.current for r in await other.claimReplies([("CP-9", 4)])], [False],
+                         "not this instance's session")
