@@ -173,7 +173,10 @@ class Key:
 
 
 _SECTIONS: dict[str, tuple[Key, ...]] = {
-    "gateway": (Key("instance_id", parseInstanceId, ""),),
+    "gateway": (
+        Key("instance_id", parseInstanceId, ""),
+        Key("gc_full_interval", inRange(parseDuration, 0, 86400), "10m"),
+    ),
     "liveness": (
         Key("hello_timeout", inRange(parseDuration, 0.1, 3600), "10s"),
         Key("ping_interval", inRange(parseDuration, 0.1, 3600), "30s"),
@@ -421,6 +424,8 @@ class GatewayConfig:
     cluster: ClusterConfig
     outbox: OutboxConfig
     retention: RetentionConfig
+    # 0: CPython's own automatic collection.
+    gc_full_interval: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -550,6 +555,7 @@ def parseConfig(
     return GatewayConfig(
         source=source,
         instance_id=sections["gateway"]["instance_id"],
+        gc_full_interval=sections["gateway"]["gc_full_interval"],
         listeners=listeners,
         liveness=liveness,
         timestamps=TimestampConfig(**sections["timestamps"]),

@@ -277,3 +277,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+
+        # The garbage collector on the gateway's schedule (ctrlgw.gcpolicy).
+        self.gcSeconds = Histogram(
+            "ctrlgw_gc_seconds",
+            "Pauses of Python's cyclic garbage collector, by generation collected (2: full).",
+            ["generation"],
+            buckets=_SECONDS_FAST,
+            registry=r,
+        )

@@ -40,6 +40,7 @@ from twisted.python.failure import Failure
 from ctrlgw.api import ApiResource
 from ctrlgw.cluster import Cluster
 from ctrlgw.config import DatabaseConfig, GatewayConfig
+from ctrlgw.gcpolicy import ScheduledCollection
 from ctrlgw.inbox import Inbox
 from ctrlgw.interfaces import Unavailable
 from ctrlgw.metrics import Metrics
@@ -700,6 +701,8 @@ class Gateway:
         """
         reactor, config = self.reactor, self.config
         top = GatewayService(self.instance)
+        if config.gc_full_interval > 0:
+            ScheduledCollection(reactor, self.metrics, config.gc_full_interval).setServiceParent(top)
         for service in [
             self.database,
             self.http,
