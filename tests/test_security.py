@@ -352,14 +352,18 @@ class PausingStore(Store):
     """
 
     gate: Deferred[None] | None = None
+    # How many claims have reached the gate.
+    atGate = 0
 
     async def claimSession(self, controller: str, listener: str, peer: str) -> Claim:
         if self.gate is not None:
+            self.atGate += 1
             await self.gate
         return await super().claimSession(controller, listener, peer)
 
     async def claimSessions(self, hellos: Sequence[tuple[str, str, str]]) -> list[Claim]:
         if self.gate is not None:
+            self.atGate += 1
             await self.gate
         return await super().claimSessions(hellos)
 
@@ -401,7 +405,7 @@ class ClaimRaceTests(PostgresTestCase):
         claim = Deferred.fromCoroutine(
             ownership._claim("racer", self.token, "main", "192.0.2.1:1")
         )
-        await sleep(0.05)  # past the look-up, waiting to claim
+        await waitUntil(lambda: self.store.atGate, 5, what="the claim past the look-up")
         await self.store.setControllerEnabled("racer", False)
         self.store.gate.callback(None)
         failure = await self.assertFailure(claim, AuthFailed)
@@ -418,7 +422,7 @@ class ClaimRaceTests(PostgresTestCase):
         ownership = self.ownership("none")
         self.store.gate = Deferred()
         claim = Deferred.fromCoroutine(ownership._claim("racer", None, "main", "192.0.2.1:1"))
-        await sleep(0.05)
+        await waitUntil(lambda: self.store.atGate, 5, what="the claim past the look-up")
         self.assertTrue(ownership.claimInFlight("racer"))
         ownership.revokeInFlight(["racer"])
         self.store.gate.callback(None)
