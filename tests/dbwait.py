@@ -58,3 +58,25 @@ async def waitUntilBlocked(
                 f" waiting on locks then: {waiting}"
             )
         await sleep(interval)
+
+
+async def waitUntilListening(db: Database, channel: str, timeout: float = 15.0) -> int:
+    """
+    Poll until some other backend has run C{LISTEN "channel"} and is idle after it (its
+    last statement): a process that listens before it acts is then ready to hear.  Return
+    that backend's pid.
+    """
+    started = reactor.seconds()
+    statement = f'LISTEN "{channel}"'
+    while True:
+        rows = await db.runQuery(
+            "wait_until_listening",
+            "SELECT pid FROM pg_stat_activity WHERE query = %s AND state = 'idle'"
+            " AND pid <> pg_backend_pid()",
+            (statement,),
+        )
+        if rows:
+            return int(rows[0][0])
+        if reactor.seconds() - started > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {statement}")
+        await sleep(0.01)
