@@ -372,7 +372,11 @@ class OutboxTests(PostgresTestCase):
     async def _expiry(self) -> None:
         a = await self.gateway("gw-a")
         stale = await self.send("c-1", {"op": "late"}, "200 milliseconds")
-        await sleep(0.4)
+        # Until its TTL has passed by the database's clock.
+        while not (await self.db.runQuery(
+            "test", "SELECT expires_at < now() FROM commands WHERE id = %s", (stale,)
+        ))[0][0]:
+            await sleep(0.02)
         client = await self.controller(a)
         await client.hello("c-1")
         fresh = await self.send("c-1", {"op": "fresh"})
