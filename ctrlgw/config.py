@@ -202,6 +202,7 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
     "shutdown": (
         Key("bye_batch", inRange(parseInt, 1, 1_000_000), "500"),
         Key("bye_interval", inRange(parseDuration, 0, 60), "100ms"),
+        Key("drain_timeout", inRange(parseDuration, 0, 300), "10s"),
     ),
     "database": (
         Key("dsn", parseText, ""),
@@ -345,6 +346,7 @@ class HttpConfig:
 class ShutdownConfig:
     bye_batch: int
     bye_interval: float
+    drain_timeout: float
 
 
 @dataclass(frozen=True)

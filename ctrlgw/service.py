@@ -803,7 +803,7 @@ class Gateway:
             DeferredList([
                 self.inbox.drain(), self.outbox.stop(), self.ownership.drain(), self.events.drain()
             ], consumeErrors=True),
-            10.0,
+            self.config.shutdown.drain_timeout,
             "draining the inbox and history",
         )
         # What could not be written in time was never confirmed (nothing acked is lost):

@@ -244,8 +244,16 @@ class ClusterTests(PostgresTestCase):
             ) == 1
 
         await waitUntil(settled, 15, what="one survivor")
-        # Let reconciliation run at least once more: the survivor must stay the survivor.
-        await sleep(1.5)
+        # Two more reconciliation rounds on every instance: the survivor must stay the
+        # survivor.
+
+        def rounds(g: Gateway) -> float:
+            return sum(sample(g, "ctrlgw_reconcile_rounds_total", {"kind": kind})
+                       for kind in ("full", "changed"))
+
+        targets = [rounds(g) + 2 for g in gateways]
+        await waitUntil(lambda: all(rounds(g) >= t for g, t in zip(gateways, targets, strict=True)),
+                        15, what="two more reconciliation rounds on every instance")
         alive = [c for c in clients if not c.isClosed]
         self.assertEqual(len(alive), 1)
         epoch, instance, online = await self.sessionRow("c-race")

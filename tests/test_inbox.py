@@ -265,7 +265,8 @@ class InboxTests(PostgresTestCase):
         inbox = Inbox(reactor, store, InboxConfig(100, 0.005, 1000, 1, 1000), self.inboxMetrics)
         session = await self.session("c1")
         ds = [inbox.submit(session, f"m{i}", nowMs(), None) for i in range(10)]
-        await sleep(0.3)
+        # The inbox has tried (and failed) to write them twice: nothing may be confirmed.
+        await waitUntil(lambda: store.statements >= 2, 10, what="two write attempts")
         self.assertEqual([d.called for d in ds], [False] * 10)
         self.assertEqual(await self.stored([f"m{i}" for i in range(10)]), set())
         await db.start(self.dsn)
@@ -325,7 +326,13 @@ class DurabilityTests(PostgresTestCase):
         # Nothing is acked while nothing can be committed; the gateway notices the outage.
         await waitUntil(lambda: not gateway.db.up, 20, what="the gateway to notice the outage")
         self.assertEqual(metric(gateway, "ctrlgw_db_up"), 0)
-        await sleep(1.5)
+        # The gateway has read them all and holds them unacked; then a while for a wrong
+        # ack to show.
+        await waitUntil(
+            lambda: (metric(gateway, "ctrlgw_inbox_buffered_unacked") or 0) >= 10, 10,
+            what="the messages buffered",
+        )
+        await sleep(1.0)
         self.assertEqual([m for m in client.ackedIds() if m in during], [])
         self.assertEqual(client.of("error"), [])
         self.assertFalse(client.isClosed)
@@ -383,7 +390,8 @@ class DurabilityTests(PostgresTestCase):
         server = await deferToThread(PrivatePostgres)
         self.addCleanup(deferToThread, server.destroy)
         gateway = await startGateway(
-            self, server.dsn, "ctrlgw", "gw-stopping", QUICK_DATABASE_TIMEOUTS
+            self, server.dsn, "ctrlgw", "gw-stopping",
+            {**QUICK_DATABASE_TIMEOUTS, "shutdown": {"drain_timeout": "1s"}},
         )
         client = await self.client(listenerPort(gateway))
         self.assertEqual((await client.helloAnswer("plant-1"))["type"], "welcome")
@@ -400,7 +408,10 @@ class DurabilityTests(PostgresTestCase):
         )
         started = reactor.seconds()
         await gateway.service.stopService()
-        self.assertLess(reactor.seconds() - started, 30)
+        # The byes, the close grace (200 ms) and the drain bound (1 s), not the 10 s default.
+        stopped = reactor.seconds() - started
+        self.assertGreaterEqual(stopped, 1.0)
+        self.assertLess(stopped, 5.0)
         await waitUntil(lambda: client.isClosed, 10, what="the client to be disconnected")
         self.assertEqual(client.ackedIds(), ["kept"])
         self.assertEqual([f.get("reason") for f in client.of("bye")], ["shutdown"])

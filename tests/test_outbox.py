@@ -22,6 +22,7 @@ import tests.test_cluster as clusterTests
 from ctrlgw.outbox import FINAL_STATES
 from ctrlgw.service import Gateway
 from ctrlgw.store.postgres import _CLAIM_COMMANDS, Store
+from tests.dbwait import backendPid, waitUntilBlocked
 from tests.gateways import (
     Frame,
     LineController,
@@ -91,6 +92,28 @@ class OutboxTests(PostgresTestCase):
             if reactor.seconds() - started > timeout:
                 self.fail(f"{command} still {current['state']} after {timeout}s, not {state}")
             await sleep(0.02)
+
+    async def polls(self, gateway: Gateway, count: int) -> None:
+        """
+        Wait until C{gateway} has polled its outbox C{count} more times: the positive event
+        a check that nothing (more) was written waits for.
+        """
+        name = {"query": "outbox_due"}
+        target = sample(gateway, "ctrlgw_db_query_seconds_count", name) + count
+        await waitUntil(
+            lambda: sample(gateway, "ctrlgw_db_query_seconds_count", name) >= target,
+            10, what=f"{count} outbox polls",
+        )
+
+    async def marker(self, channel: str, payloads: list[str]) -> None:
+        """
+        NOTIFY a marker on C{channel} and wait until it is heard in C{payloads}.
+        Notifications are delivered in commit order, so once it is heard, every
+        notification of a transaction that committed before it was heard too.
+        """
+        await self.db.runOperation("test", "SELECT pg_notify(%s, 'marker')", (channel,))
+        await waitUntil(lambda: "marker" in payloads, 5, what=f"the marker on {channel}")
+        payloads.remove("marker")
 
     def history(self, status: dict[str, Any]) -> list[tuple[str, int, str | None]]:
         return [(e["state"], e["attempt"], e["instance"]) for e in status["history"]]
@@ -198,7 +221,7 @@ class OutboxTests(PostgresTestCase):
         await client.hello("c-1")
         ids = await self.sendMany(["c-1"] * 3, [{"n": n} for n in range(3)])
         await client.waitFor("cmd", id=ids[0])
-        await sleep(0.7)  # three polls: nothing more while the first is unacked
+        await self.polls(a, 3)  # nothing more while the first is unacked
         self.assertEqual(client.commandIds(), ids[:1])
         latencies = []
         for k in range(3):
@@ -227,17 +250,17 @@ class OutboxTests(PostgresTestCase):
         client = await self.controller(a)
         await client.hello("c-1")
         await waitUntil(lambda: len(client.of("cmd")) >= 2, 5, what="two commands")
-        await sleep(0.5)
+        await self.polls(a, 2)
         self.assertEqual(client.commandIds(), ids[:2])
         client.send({"type": "ack", "ref": ids[0]})
         await client.waitFor("cmd", id=ids[2])
-        await sleep(0.3)
+        await self.polls(a, 2)
         self.assertEqual(client.commandIds(), ids[:3])
         # Both slots free at once: the next two are claimed together, still in order.
         client.send({"type": "ack", "ref": ids[1]})
         client.send({"type": "ack", "ref": ids[2]})
         await waitUntil(lambda: len(client.of("cmd")) >= 5, 5, what="five commands")
-        await sleep(0.3)
+        await self.polls(a, 2)
         self.assertEqual(client.commandIds(), ids[:5])
 
     def test_twoInFlight(self) -> Deferred[None]:
@@ -305,7 +328,7 @@ class OutboxTests(PostgresTestCase):
             self.assertGreaterEqual(gap, 290)
             self.assertLess(gap, 800)
         self.assertEqual(sample(a, "ctrlgw_command_retries_total"), 2)
-        await sleep(0.5)
+        await self.polls(a, 2)
         self.assertEqual(len(client.of("cmd")), 3)
         print(f"\nretry gaps: {', '.join(f'{g:.0f}' for g in gaps)} ms")
 
@@ -349,7 +372,11 @@ class OutboxTests(PostgresTestCase):
     async def _expiry(self) -> None:
         a = await self.gateway("gw-a")
         stale = await self.send("c-1", {"op": "late"}, "200 milliseconds")
-        await sleep(0.4)
+        # Until its TTL has passed by the database's clock.
+        while not (await self.db.runQuery(
+            "test", "SELECT expires_at < now() FROM commands WHERE id = %s", (stale,)
+        ))[0][0]:
+            await sleep(0.02)
         client = await self.controller(a)
         await client.hello("c-1")
         fresh = await self.send("c-1", {"op": "fresh"})
@@ -551,6 +578,7 @@ class OutboxTests(PostgresTestCase):
         command = await self.send("c-1", {"op": "x"})
         other = await self.db.connect()
         self.addCleanup(other.close)
+        otherPid = await backendPid(other)
         newSession = (
             "SELECT new_epoch FROM claim_session('c-1', gen_random_uuid(), 'gw-y', 'main',"
             " '10.0.0.1:2', 100, '1 minute', '1 minute', false, '30 seconds')"
@@ -564,7 +592,8 @@ class OutboxTests(PostgresTestCase):
             " UPDATE sessions SET last_seen_at = now() WHERE controller_id = 'c-1'"
         )
         claiming = Deferred.fromCoroutine(store.claimCommands([("c-1", old.epoch)], 1, 5, 10.0, 2.0))
-        await sleep(0.2)
+        await waitUntilBlocked(self.db, "WITH local AS", blockedBy=otherPid)
+        self.assertFalse(claiming.called)
         await other.runOperation("COMMIT")
         first = await claiming
         self.assertEqual([(c.id, c.epoch) for c in first], [(command, old.epoch)])
@@ -575,7 +604,8 @@ class OutboxTests(PostgresTestCase):
         await other.runOperation("BEGIN")
         await other.runQuery(newSession)
         claiming = Deferred.fromCoroutine(store.claimCommands([("c-1", old.epoch)], 1, 5, 10.0, 2.0))
-        await sleep(0.3)
+        await waitUntilBlocked(self.db, "WITH local AS", blockedBy=otherPid)
+        self.assertFalse(claiming.called)
         await other.runOperation("COMMIT")
         self.assertEqual(await claiming, [])
         status = await self.status(command)
@@ -593,7 +623,8 @@ class OutboxTests(PostgresTestCase):
         )
         self.assertEqual([r[0] for r in rows], [command])
         superseding = Deferred.fromCoroutine(store.claimSession("c-1", "main", "10.0.0.1:4"))
-        await sleep(0.3)
+        await waitUntilBlocked(self.db, "claim_session", blockedBy=otherPid)
+        self.assertFalse(superseding.called)
         await other.runOperation("COMMIT")
         new = await superseding
         status = await self.status(command)
@@ -781,11 +812,12 @@ class OutboxTests(PostgresTestCase):
         await client.hello("c-1")
         command = await self.send("c-1", {"op": "x"})
         await client.waitFor("cmd", id=command)
-        await sleep(0.1)
+        channel = f"{self.schema}_results"
+        await self.marker(channel, results)
         self.assertEqual(results, [])  # sent is not a result
         client.send({"type": "ack", "ref": command})
         await waitUntil(lambda: results, 5, what="a result notification")
-        await sleep(0.1)
+        await self.marker(channel, results)
         self.assertEqual(len(results), 1)
         self.assertEqual(
             json.loads(results[0]),
@@ -807,7 +839,7 @@ class OutboxTests(PostgresTestCase):
         )
         self.assertEqual(len(set(ids)), 50)
         await waitUntil(lambda: doorbell, 5, what="the doorbell")
-        await sleep(0.3)
+        await self.marker(f"{self.schema}_commands", doorbell)
         self.assertEqual(len(doorbell), 1)
         self.assertEqual(sorted(doorbell[0].split(",")), controllers)
         await self.send("d-3", {"one": 1})

@@ -275,14 +275,20 @@ class RevocationTests(SecurityTestCase):
         clients = {c: await self.connect(a, c, t) for c, t in tokens.items()}
         await self.db.runOperation("t", "UPDATE controllers SET note = 'x'")
         await self.db.runOperation("t", "UPDATE controllers SET enabled = true")
-        await sleep(0.3)
-        self.assertEqual(sample(a, "ctrlgw_revocation_notifications_total"), 0)
+        # A marker naming no connected controller, committed after the updates: once it is
+        # heard, anything the updates notified would have been heard before it.
+        await self.db.runOperation(
+            "t", "SELECT pg_notify(%s, 'nobody-connected')", (f"{self.schema}_revoked",)
+        )
+        await waitUntil(lambda: sample(a, "ctrlgw_revocation_notifications_total") >= 1, 5,
+                        what="the marker notification")
+        self.assertEqual(sample(a, "ctrlgw_revocation_notifications_total"), 1)
         self.assertFalse(any(c.isClosed for c in clients.values()))
         await self.db.runOperation(
             "t", "UPDATE controllers SET enabled = false WHERE controller_id IN ('n1','n2','n3')"
         )
         await waitUntil(lambda: all(clients[c].isClosed for c in ("n1", "n2", "n3")), 5)
-        self.assertEqual(sample(a, "ctrlgw_revocation_notifications_total"), 1)
+        self.assertEqual(sample(a, "ctrlgw_revocation_notifications_total"), 2)
         self.assertEqual(sample(a, "ctrlgw_revocations_total", {"scope": "notified"}), 3)
         self.assertFalse(clients["keep"].isClosed)
 
@@ -352,14 +358,18 @@ class PausingStore(Store):
     """
 
     gate: Deferred[None] | None = None
+    # How many claims have reached the gate.
+    atGate = 0
 
     async def claimSession(self, controller: str, listener: str, peer: str) -> Claim:
         if self.gate is not None:
+            self.atGate += 1
             await self.gate
         return await super().claimSession(controller, listener, peer)
 
     async def claimSessions(self, hellos: Sequence[tuple[str, str, str]]) -> list[Claim]:
         if self.gate is not None:
+            self.atGate += 1
             await self.gate
         return await super().claimSessions(hellos)
 
@@ -401,7 +411,7 @@ class ClaimRaceTests(PostgresTestCase):
         claim = Deferred.fromCoroutine(
             ownership._claim("racer", self.token, "main", "192.0.2.1:1")
         )
-        await sleep(0.05)  # past the look-up, waiting to claim
+        await waitUntil(lambda: self.store.atGate, 5, what="the claim past the look-up")
         await self.store.setControllerEnabled("racer", False)
         self.store.gate.callback(None)
         failure = await self.assertFailure(claim, AuthFailed)
@@ -418,7 +428,7 @@ class ClaimRaceTests(PostgresTestCase):
         ownership = self.ownership("none")
         self.store.gate = Deferred()
         claim = Deferred.fromCoroutine(ownership._claim("racer", None, "main", "192.0.2.1:1"))
-        await sleep(0.05)
+        await waitUntil(lambda: self.store.atGate, 5, what="the claim past the look-up")
         self.assertTrue(ownership.claimInFlight("racer"))
         ownership.revokeInFlight(["racer"])
         self.store.gate.callback(None)

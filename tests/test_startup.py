@@ -37,6 +37,7 @@ from tests.gateways import (
     connectController,
     freePort,
     httpPort,
+    sample,
     sleep,
     startGateway,
     waitUntil,
@@ -92,7 +93,13 @@ class ControllerPortGateTests(PostgresTestCase):
         await waitUntil(lambda: gateway.db.up and gateway.instanceSkew is not None, 30,
                         what="the database")
         await self.assertRefusedWhile(gateway, port, "not migrated")
-        await sleep(1.5)  # A heartbeat (1s) looks again, and finds the schema still behind.
+        # A heartbeat (1s) looks again, and finds the schema still behind.
+        looks = {"query": "schema_exists"}
+        looked = sample(gateway, "ctrlgw_db_query_seconds_count", looks)
+        await waitUntil(
+            lambda: sample(gateway, "ctrlgw_db_query_seconds_count", looks) > looked, 10,
+            what="the schema checked again",
+        )
         await self.assertRefusedWhile(gateway, port, "not migrated, after a heartbeat")
 
         db = Database(reactor, databaseConfig(schema), Metrics())

@@ -10,7 +10,8 @@ from typing import Any
 from twisted.internet.defer import Deferred
 
 from ctrlgw.store.postgres import STORED, InboxRow, Store
-from tests.gateways import nowMs, sleep
+from tests.dbwait import backendPid, waitUntilBlocked
+from tests.gateways import nowMs
 from tests.helpers import deferred
 from tests.pg import PostgresTestCase
 
@@ -20,21 +21,17 @@ CLAIM = dict(maxInflight=1, maxAttempts=3, ackTimeout=10.0, backoff=2.0)
 class RaceTests(PostgresTestCase):
     timeout = 60
 
-    async def blocker(self, *statements: str) -> Any:
+    async def blocker(self, *statements: str) -> tuple[Any, int]:
         """
-        A connection with an open transaction that has run C{statements}; rolled back
-        by the test (or at cleanup).
+        A connection with an open transaction that has run C{statements}, and its backend
+        pid; rolled back by the test (or at cleanup).
         """
         connection = await self.db.connect()
         await connection.runOperation("BEGIN")
         for statement in statements:
             await connection.runOperation(statement)
         self.addCleanup(connection.close)
-        return connection
-
-    async def stillWaiting(self, d: Deferred[Any]) -> bool:
-        await sleep(0.3)
-        return not d.called
+        return connection, await backendPid(connection)
 
     @deferred
     async def test_claimDoesNotReviveASettledCommand(self) -> None:
@@ -54,11 +51,12 @@ class RaceTests(PostgresTestCase):
             "t", "UPDATE commands SET next_attempt_at = now() - interval '1 second'"
         )
         # Something holds the session row (as a claim_session in progress would).
-        blocker = await self.blocker(
+        blocker, blockerPid = await self.blocker(
             "SELECT 1 FROM sessions WHERE controller_id = 'X' FOR UPDATE"
         )
         retry = Deferred.fromCoroutine(store.claimCommands([("X", claim.epoch)], **CLAIM))
-        self.assertTrue(await self.stillWaiting(retry))
+        await waitUntilBlocked(self.db, "WITH local AS", blockedBy=blockerPid)
+        self.assertFalse(retry.called)
         settled = await store.settleCommands([(command, "X", claim.epoch, True, "")])
         self.assertEqual([state for _, state, _ in settled], ["acked"])
         await blocker.runOperation("ROLLBACK")
@@ -80,7 +78,7 @@ class RaceTests(PostgresTestCase):
         new = Store(db, "gw-b")
         claim = await old.claimSession("X", "main", "p")
         # An uncommitted row with the same key makes the write wait after its snapshot.
-        blocker = await self.blocker(
+        blocker, blockerPid = await self.blocker(
             "INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch)"
             " VALUES ('X', 'm1', now(), 'other', 0)"
         )
@@ -88,11 +86,15 @@ class RaceTests(PostgresTestCase):
         write = Deferred.fromCoroutine(
             old.writeInbox([InboxRow("X", "m1", nowMs(), claim.epoch, {})])
         ).addCallback(lambda result: order.append("write") or result)
-        self.assertTrue(await self.stillWaiting(write))
+        writer = await waitUntilBlocked(self.db, "WITH batch AS", blockedBy=blockerPid)
+        self.assertFalse(write.called)
         takeover = Deferred.fromCoroutine(new.claimSession("X", "main", "q")).addCallback(
             lambda result: order.append("takeover") or result
         )
-        self.assertTrue(await self.stillWaiting(takeover))
+        # The takeover waits for the write (its key-share lock on the session row), not
+        # for the blocker.
+        await waitUntilBlocked(self.db, "claim_session", blockedBy=writer)
+        self.assertEqual(order, [])
         await blocker.runOperation("ROLLBACK")
         self.assertEqual(await write, [STORED])
         newer = await takeover
