@@ -40,9 +40,10 @@ class SlowReaderTests(PostgresTestCase):
     async def test_fullBufferHoldsCommandsBack(self) -> None:
         """
         A controller with a 4 KiB receive buffer says hello and stops reading (the
-        gateway's socket has a 64 KiB send buffer); 40 commands of 30 KB are sent.  What the kernel and Twisted's buffer take is written;
-        then the connection's writes are paused, and the rest stay pending with no attempt
-        counted, through several outbox polls.  Once it reads again, each command arrives
+        gateway's socket has a 64 KiB send buffer); 40 commands of 30 KB are sent.  What
+        the kernel and Twisted's buffer take is written; then the connection's writes are
+        paused, and the rest stay pending with no attempt counted, through several outbox
+        polls.  Once it reads again, each command arrives
         exactly once, in the order sent, each on its first attempt, and its acks finish
         them all.
         """
