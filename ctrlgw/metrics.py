@@ -167,7 +167,7 @@ class Metrics:
         self.claims = Counter(
             "ctrlgw_command_claims_total",
             "Controllers claimed for, by what woke the claim (notify, poll, connect, settle,"
-            " retry) and whether it found work.",
+            " retry, requeued) and whether it found work.",
             ["source", "result"],
             registry=r,
         )

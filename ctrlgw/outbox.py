@@ -151,7 +151,12 @@ class Outbox:
         targets = []
         for controller, source in pending.items():
             connection = self.registry.lookup(controller)
-            if connection is not None and connection.live and connection.session is not None:
+            # Not one that has stopped reading: whatever was claimed for it would only be
+            # reported back.  Its resumeProducing wakes it.
+            if (
+                connection is not None and connection.live and connection.session is not None
+                and not connection.writesPaused
+            ):
                 targets.append((connection.session, source))
         return targets
 
@@ -233,7 +238,16 @@ class Outbox:
 
     def _report(self, command: ClaimedCommand, outcome: str, detail: str = "") -> None:
         d = self._unsent.add((command.id, command.epoch, command.claim, outcome, detail))
-        if outcome != NOT_WRITTEN:
+        if outcome == NOT_WRITTEN:
+            # Back to pending once this commits.  A connection that resumed reading before
+            # then was woken too early (its claim found the command still sent): again now.
+            def requeued(_: object) -> None:
+                connection = self.registry.lookup(command.controller)
+                if connection is not None and connection.live and not connection.writesPaused:
+                    self.wake([command.controller], "requeued")
+
+            d.addCallback(requeued)
+        else:
             # Once that is recorded, the command is finished: the next one in line may go.
             # (Waking before the report commits would claim against a head still 'sent'.)
             def finished(_: object) -> None:

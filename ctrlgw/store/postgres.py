@@ -302,7 +302,8 @@ UPDATE commands c SET
     -- Cleared once the attempt is undone, so the same report applied again matches nothing.
     sent_epoch = CASE WHEN u.outcome = 'not_written' THEN NULL ELSE c.sent_epoch END,
     next_attempt_at = NULL, last_instance = %s,
-    detail = CASE WHEN u.outcome = 'not_written' THEN 'connection gone before the write'
+    detail = CASE WHEN u.outcome = 'not_written'
+                      THEN 'not written: the connection was gone or not reading'
                   WHEN u.outcome = 'expired_at_write' AND c.attempts = 1
                       THEN 'ttl passed before it was written'
                   WHEN u.outcome = 'expired_at_write'
