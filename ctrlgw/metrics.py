@@ -6,7 +6,12 @@ Names are prefixed C{ctrlgw_}; docs/operations.md lists them with what to alert 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# No C{_created} series next to every counter and histogram: they double the series count
+# and say nothing a dashboard or an alert uses (the process start time is exported anyway).
+# prometheus_client's switch is process-wide.
+disable_created_metrics()
 
 _SECONDS_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SKEW_SECONDS = (-60, -10, -2, -0.5, -0.1, -0.02, 0, 0.02, 0.1, 0.5, 2, 10, 60)
@@ -253,5 +258,12 @@ class Metrics:
         )
         self.pruned = Counter(
             "ctrlgw_pruned_rows_total", "Rows removed by retention, by table.", ["table"],
+            registry=r,
+        )
+
+        # Operations: readiness, kicks and drains (docs/operations.md#operations).
+        self.ready = Gauge(
+            "ctrlgw_ready",
+            "1 while every readiness check passes (what /readyz answers 200 for), else 0.",
             registry=r,
         )

@@ -604,6 +604,7 @@ class Gateway:
         self.instance = config.instance_id or generateInstanceId()
         self.metrics = Metrics()
         self.readiness = Readiness()
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness.ready() else 0.0)
         self.db = Database(reactor, config.database, self.metrics, f"ctrlgw {self.instance}")
         cluster = config.cluster
         self.store = Store(
