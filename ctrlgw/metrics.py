@@ -267,3 +267,17 @@ class Metrics:
             "1 while every readiness check passes (what /readyz answers 200 for), else 0.",
             registry=r,
         )
+        self.kicks = Counter(
+            "ctrlgw_kicks_total",
+            "Connections closed here because a kick (ctrlgw kick, DELETE"
+            " /v1/controllers/{id}/connection) ended their session.",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "ctrlgw_draining", "1 from a drain request (ctrlgw drain) on, else 0.", registry=r
+        )
+        self.drainHandedOver = Counter(
+            "ctrlgw_drain_handed_over_total",
+            "Connections a drain closed with bye shutdown, for them to reconnect elsewhere.",
+            registry=r,
+        )

@@ -6,6 +6,7 @@ option and configuration key it names is the real one.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import shlex
@@ -18,7 +19,7 @@ from typing import Any
 import yaml
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from ctrlgw import tap
+from ctrlgw import cli, tap
 from ctrlgw.config import GatewayConfig, Overrides, loadConfig, parseConfig
 from ctrlgw.metrics import Metrics
 from ctrlgw.service import _plan
@@ -271,6 +272,19 @@ class KubernetesTests(SynchronousTestCase):
         assert options.gatewayConfig is not None
         self.assertEqual(options.gatewayConfig.instance_id, "pod-0")
         self.assertEqual(options.gatewayConfig.database.dsn, "host=db")
+
+    def test_preStopDrains(self) -> None:
+        """
+        preStop runs ctrlgw drain on this pod's instance id, staying up idle until the
+        hand-over is done; the ctrlgw command accepts exactly these arguments.
+        """
+        command = self.container["lifecycle"]["preStop"]["exec"]["command"]
+        self.assertEqual(command[:2], ["sh", "-c"])
+        argv = shlex.split(command[2].replace('"$POD_NAME"', "pod-0").replace('"$CTRLGW_DSN"', "host=db"))
+        self.assertEqual(argv[:2], ["exec", "ctrlgw"])
+        args = cli.parseArguments(argv[2:], io.StringIO(), io.StringIO())
+        assert not isinstance(args, int), args
+        self.assertEqual((args.command, args.instance, args.stay, args.wait), ("drain", "pod-0", True, True))
 
     def test_terminationGracePeriod(self) -> None:
         """

@@ -25,7 +25,9 @@ from ctrlgw import cli
 from ctrlgw.api import ApiResource, isoTime, presenceJson
 from ctrlgw.cluster import takeoverChannel
 from ctrlgw.config import Key, sectionKeys
+from ctrlgw.drain import drainChannel
 from ctrlgw.interfaces import Unavailable
+from ctrlgw.kick import Kicks, kickedChannel
 from ctrlgw.metrics import Metrics
 from ctrlgw.outbox import commandsChannel, resultsChannel
 from ctrlgw.protocol import messages as v1
@@ -38,7 +40,10 @@ from tests.pg import PostgresTestCase
 # The schema the docs' examples use: the default of [database] schema.
 [_SCHEMA_KEY] = [k for k in sectionKeys()["database"] if k.name == "schema"]
 DOC_SCHEMA = _SCHEMA_KEY.default
-CHANNELS = {f(DOC_SCHEMA) for f in (takeoverChannel, commandsChannel, resultsChannel)}
+CHANNELS = {
+    f(DOC_SCHEMA)
+    for f in (takeoverChannel, commandsChannel, resultsChannel, kickedChannel, drainChannel)
+}
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 LOOKS_LIKE_TIME = re.compile(r"^\d{4}-\d\d-\d\d[T ]\d\d:\d\d")
@@ -482,6 +487,32 @@ class FakeStore:
         return COMMAND
 
 
+class FakeKickDatabase:
+    """
+    The database calls of a kick (ctrlgw/kick.py): CONTROLLER is online on gw-a.
+    """
+
+    schema = DOC_SCHEMA
+
+    async def runQuery(self, name: str, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
+        return [("gw-a", 6)] if args[0] == CONTROLLER else []
+
+
+class _NoListener:
+    def subscribe(self, *args: Any) -> None:
+        pass
+
+
+def kickRoute(api: ApiResource) -> None:
+    """
+    The route the gateway adds to its API for kicks, on a fake database.
+    """
+    from ctrlgw.registry import ConnectionRegistry
+
+    kicks = Kicks(cast(Any, FakeKickDatabase()), ConnectionRegistry(), Metrics(), cast(Any, _NoListener()))
+    api.addRoute(b"DELETE", 3, kicks.deleteConnection)
+
+
 class Response:
     def __init__(self, raw: bytes) -> None:
         self.raw = raw
@@ -516,6 +547,7 @@ def request(
     the channel.
     """
     api = ApiResource(apiToken, cast(Store, store or FakeStore()))
+    kickRoute(api)
     site = makeSite(makeRoot(CollectorRegistry(), Readiness(), api))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
@@ -596,12 +628,14 @@ class HttpTests(SynchronousTestCase):
                 served("POST", post, b'{"ttl": "2m"}'),
                 served("POST", post, b'{"body": 1, "ttl": "0s"}'),
                 served("POST", post, b'{"body": 1, "ttl": "soon"}'),
+                served("DELETE", f"/v1/controllers/{CONTROLLER}/connection?reason=" + "x" * 201),
             ],
             401: [served("GET", "/v1/controllers", token=None), served("GET", "/v1/controllers", token="x")],
             404: [
                 served("GET", f"/v1/commands/{UNKNOWN_COMMAND}"),
                 served("GET", "/v1/nope"),
                 served("DELETE", f"/v1/controllers/{CONTROLLER}"),
+                served("DELETE", "/v1/controllers/dev-offline/connection"),
                 served("GET", "/v1/controllers", apiToken=""),
             ],
             413: [served("POST", post, commandBody(MAX_REQUEST_BODY + 1))],
