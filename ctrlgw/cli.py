@@ -27,7 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
-from ctrlgw import drain, kick, sim
+from ctrlgw import kick, sim
 from ctrlgw.api import isoTime, presenceJson
 from ctrlgw.auth import hashToken, newToken
 from ctrlgw.config import ConfigError, Overrides, loadConfig, parseDuration, parseIdentifier
@@ -243,7 +243,7 @@ def _addOperations(commands: Any, after: list[argparse.ArgumentParser]) -> None:
 
 async def _kick(ctx: Context) -> int:
     try:
-        kicked = await kick.kick(ctx.db, ctx.args.controller, ctx.args.reason)
+        kicked = await kick.kick(ctx.store, ctx.args.controller, ctx.args.reason)
     except ValueError as e:
         raise CommandFailed(str(e), EXIT_USAGE) from None
     if kicked is None:
@@ -256,13 +256,13 @@ async def _kick(ctx: Context) -> int:
 
 async def _drain(ctx: Context) -> int:
     instance: str = ctx.args.instance
-    if not await drain.requestDrain(ctx.db, instance, not ctx.args.stay):
+    if not await ctx.store.requestDrain(instance, not ctx.args.stay):
         raise CommandFailed(f"no instance {instance!r} is registered in schema {ctx.schema}")
     if not ctx.args.wait:
         ctx.out.write(f"instance {instance} draining\n")
         return EXIT_OK
     waited = 0.0
-    while (state := await drain.drainState(ctx.db, instance)) is not None and not state[1]:
+    while (state := await ctx.store.drainState(instance)) is not None and not state[1]:
         if waited >= ctx.args.timeout:
             raise CommandFailed(f"instance {instance} not drained after {ctx.args.timeout:g}s")
         await deferLater(ctx.db.clock, 0.2, lambda: None)

@@ -13,6 +13,7 @@ The instance asked:
   3. once empty, records C{drained_at} in its C{instances} row, then exits (its graceful
      shutdown, which now has nothing to hand over) or, with C{--stay}, stays up and idle.
 
+C{ctrlgw drain} calls L{Store.requestDrain} and, with C{--wait}, polls L{Store.drainState}.
 The notification C{<schema>_drain} names the instance; an instance that missed it (its
 C{LISTEN} connection was down) reads its row when that connection is back.
 """
@@ -22,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, cast
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
@@ -32,8 +33,8 @@ from ctrlgw.interfaces import Session
 from ctrlgw.metrics import Metrics
 from ctrlgw.protocol import messages as v1
 from ctrlgw.registry import ConnectionRegistry, Registrable
-from ctrlgw.store.database import Database
 from ctrlgw.store.listen import NotificationListener
+from ctrlgw.store.postgres import Store
 
 log = Logger()
 
@@ -73,31 +74,6 @@ async def byeInBatches(
             await deferLater(clock, interval, lambda: None)
 
 
-async def requestDrain(db: Database, instance: str, exit: bool) -> bool:
-    """
-    Ask C{instance} to drain (then exit, or stay up idle); C{False} if it is not registered.
-    """
-    rows = await db.runQuery(
-        "drain_instance", "SELECT drain_instance(%s, %s)", (instance, exit)
-    )
-    return bool(rows[0][0])
-
-
-async def drainState(db: Database, instance: str) -> tuple[bool, bool] | None:
-    """
-    (drain requested for its current run, drained) of C{instance}; C{None} when it has no
-    row (not running, or it has exited).
-    """
-    rows = await db.runQuery(
-        "drain_state",
-        "SELECT coalesce(drain_requested_at > started_at, false),"
-        " coalesce(drained_at >= drain_requested_at, false)"
-        " FROM instances WHERE instance_id = %s",
-        (instance,),
-    )
-    return (bool(rows[0][0]), bool(rows[0][1])) if rows else None
-
-
 class Drain:
     """
     This instance's part in draining.
@@ -106,8 +82,7 @@ class Drain:
     def __init__(
         self,
         clock: IReactorTime,
-        db: Database,
-        instance: str,
+        store: Store,
         registry: ConnectionRegistry,
         stopAccepting: Callable[[], Deferred[Any]],
         shutdown: ShutdownConfig,
@@ -122,8 +97,8 @@ class Drain:
         @param exit: Stop the process (its graceful shutdown).
         """
         self.clock = clock
-        self.db = db
-        self.instance = instance
+        self.store = store
+        self.instance = store.instance
         self.registry = registry
         self.stopAccepting = stopAccepting
         self.shutdown = shutdown
@@ -134,7 +109,7 @@ class Drain:
         self.drained = False
         self.exitWhenDrained = True
         self._running: Deferred[None] | None = None
-        listener.subscribe(drainChannel(db.schema), self.drainNotified, self._recheck)
+        listener.subscribe(drainChannel(store.db.schema), self.drainNotified, self._recheck)
 
     def check(self) -> tuple[bool, str]:
         """
@@ -159,14 +134,9 @@ class Drain:
         """
         Read this instance's row; start draining if a drain was asked for this run.
         """
-        rows = await self.db.runQuery(
-            "drain_request",
-            "SELECT drain_exit FROM instances"
-            " WHERE instance_id = %s AND drain_requested_at > started_at",
-            (self.instance,),
-        )
-        if rows:
-            self.start(bool(rows[0][0]))
+        exit = await self.store.drainRequested()
+        if exit is not None:
+            self.start(exit)
 
     def start(self, exit: bool) -> Deferred[None]:
         """
@@ -175,10 +145,21 @@ class Drain:
         self.exitWhenDrained = exit
         if self._running is None:
             self._running = Deferred.fromCoroutine(self._drain())
-            self._running.addErrback(lambda f: log.failure("draining failed", f))
+            self._running.addErrback(
+                lambda f: None if f.check(CancelledError) else log.failure("draining failed", f)
+            )
         if self.drained and exit:
             self.exit()
         return self._running
+
+    def stop(self) -> None:
+        """
+        The instance is shutting down: a drain under way stops where it is (the shutdown
+        says bye to whoever is left).
+        """
+        running = self._running
+        if running is not None and not self.drained and not running.called:
+            running.cancel()
 
     async def _drain(self) -> None:
         self.draining = True
@@ -198,11 +179,11 @@ class Drain:
                 v1.BYE_SHUTDOWN, self.metrics.drainHandedOver.inc,
             )
             await deferLater(self.clock, self.closeGrace + 0.1, lambda: None)
-        await self.db.runOperation(
-            "drain_done",
-            "UPDATE instances SET drained_at = clock_timestamp() WHERE instance_id = %s",
-            (self.instance,),
-        )
+        try:
+            await self.store.markDrained()
+        except Exception as e:
+            # Drained all the same: ctrlgw drain --wait sees the instance leave, or times out.
+            log.warn("could not record the drain: {error}", error=e)
         self.drained = True
         log.info("instance {instance} drained; {then}", instance=self.instance,
                  then="exiting" if self.exitWhenDrained else "staying up, idle")

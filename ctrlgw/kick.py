@@ -26,8 +26,8 @@ from ctrlgw.drain import close
 from ctrlgw.metrics import Metrics
 from ctrlgw.protocol import messages as v1
 from ctrlgw.registry import ConnectionRegistry
-from ctrlgw.store.database import Database
 from ctrlgw.store.listen import NotificationListener
+from ctrlgw.store.postgres import Store
 
 log = Logger()
 
@@ -62,19 +62,13 @@ def checkKick(controller: str, reason: str) -> None:
         raise ValueError(f"the reason is longer than {MAX_REASON} characters")
 
 
-async def kick(db: Database, controller: str, reason: str) -> Kicked | None:
+async def kick(store: Store, controller: str, reason: str) -> Kicked | None:
     """
     Close C{controller}'s live connection, wherever it is; C{None} if it was not online.
     """
     checkKick(controller, reason)
-    rows = await db.runQuery(
-        "kick_controller", "SELECT instance_id, epoch FROM kick_controller(%s, %s)",
-        (controller, reason),
-    )
-    if not rows:
-        return None
-    instance, epoch = rows[0]
-    return Kicked(controller, instance, int(epoch))
+    ended = await store.kickController(controller, reason)
+    return Kicked(controller, *ended) if ended is not None else None
 
 
 class Kicks:
@@ -83,13 +77,13 @@ class Kicks:
     """
 
     def __init__(
-        self, db: Database, registry: ConnectionRegistry, metrics: Metrics,
+        self, store: Store, registry: ConnectionRegistry, metrics: Metrics,
         listener: NotificationListener,
     ) -> None:
-        self.db = db
+        self.store = store
         self.registry = registry
         self.metrics = metrics
-        listener.subscribe(kickedChannel(db.schema), self.kickedNotified)
+        listener.subscribe(kickedChannel(store.db.schema), self.kickedNotified)
 
     def kickedNotified(self, payload: str) -> None:
         controller, _, epoch = payload.partition(" ")
@@ -122,7 +116,7 @@ class Kicks:
             checkKick(controller, reason)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
-        kicked = await kick(self.db, controller, reason)
+        kicked = await kick(self.store, controller, reason)
         if kicked is None:
             raise ApiError(404, "controller not connected")
         return 200, {

@@ -687,10 +687,10 @@ class Gateway:
         for listener, service in zip(config.listeners, self.listeners, strict=True):
             self.readiness.add(f"listener:{listener.name}", service.check)
         # Kick and drain (ctrlgw/kick.py, ctrlgw/drain.py).
-        self.kicks = Kicks(self.db, self.registry, self.metrics, self.notifications)
+        self.kicks = Kicks(self.store, self.registry, self.metrics, self.notifications)
         self.api.addRoute(b"DELETE", 3, self.kicks.deleteConnection)
         self.drain = Drain(
-            reactor, self.db, self.instance, self.registry, self._stopAccepting,
+            reactor, self.store, self.registry, self._stopAccepting,
             config.shutdown, config.liveness.close_grace, self.metrics, self.notifications,
             exit if exit is not None else lambda: self.service.stopService(),
         )
@@ -786,6 +786,7 @@ class Gateway:
         back as one herd, then wait (bounded) for the sockets to close.
         """
         context, shutdown = self.context, self.config.shutdown
+        self.drain.stop()
         context.accepting = False
         connections = list(context.connections)
         if connections:

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import uuid
+from types import SimpleNamespace
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
@@ -467,6 +468,8 @@ class FakeStore:
     The L{Store} calls the API makes; C{failure}, when set, is raised by every call.
     """
 
+    db = SimpleNamespace(schema=DOC_SCHEMA)
+
     def __init__(self) -> None:
         self.failure: Exception | None = None
 
@@ -486,16 +489,9 @@ class FakeStore:
         self._check()
         return COMMAND
 
-
-class FakeKickDatabase:
-    """
-    The database calls of a kick (ctrlgw/kick.py): CONTROLLER is online on gw-a.
-    """
-
-    schema = DOC_SCHEMA
-
-    async def runQuery(self, name: str, sql: str, args: Any = None) -> list[tuple[Any, ...]]:
-        return [("gw-a", 6)] if args[0] == CONTROLLER else []
+    async def kickController(self, controller: str, reason: str) -> tuple[str, int] | None:
+        self._check()
+        return ("gw-a", 6) if controller == CONTROLLER else None
 
 
 class _NoListener:
@@ -505,11 +501,11 @@ class _NoListener:
 
 def kickRoute(api: ApiResource) -> None:
     """
-    The route the gateway adds to its API for kicks, on a fake database.
+    The route the gateway adds to its API for kicks (ctrlgw/kick.py), on the API's store.
     """
     from ctrlgw.registry import ConnectionRegistry
 
-    kicks = Kicks(cast(Any, FakeKickDatabase()), ConnectionRegistry(), Metrics(), cast(Any, _NoListener()))
+    kicks = Kicks(api.store, ConnectionRegistry(), Metrics(), cast(Any, _NoListener()))
     api.addRoute(b"DELETE", 3, kicks.deleteConnection)
 
 

@@ -15,19 +15,21 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from ctrlgw import cli
 from ctrlgw.config import ShutdownConfig
-from ctrlgw.drain import Drain, drainState, requestDrain
-from ctrlgw.interfaces import Session
+from ctrlgw.drain import Drain
+from ctrlgw.interfaces import Session, Unavailable
 from ctrlgw.metrics import Metrics
 from ctrlgw.registry import ConnectionRegistry
+from ctrlgw.store.postgres import Store
 from tests.faults import GatewayProcess, HAProxy, requireFaults
 from tests.gateways import connectController, listenerPort, sample, sleep, startGateway, waitUntil
 from tests.helpers import deferred
@@ -58,33 +60,38 @@ class FakeListener:
         self.reconnected.append(onReconnected)
 
 
-class FakeDatabase:
-    schema = "ctrlgw"
+class FakeStore:
+    """
+    The Store calls of a drain: C{requested} is what drainRequested() answers.
+    """
+
+    instance = "gw-a"
+    db = SimpleNamespace(schema="ctrlgw")
 
     def __init__(self) -> None:
-        self.operations: list[tuple[str, Any]] = []
-        self.requested: tuple[bool] | None = None
+        self.operations: list[str] = []
+        self.requested: bool | None = None
+        self.failing = False
 
-    def runQuery(self, name: str, sql: str, args: Any = None) -> Deferred[list[tuple[Any, ...]]]:
-        assert name == "drain_request", name
-        return succeed([self.requested] if self.requested is not None else [])
+    def drainRequested(self) -> Deferred[bool | None]:
+        return succeed(self.requested)
 
-    def runOperation(self, name: str, sql: str, args: Any = None) -> Deferred[None]:
-        self.operations.append((name, args))
-        return succeed(None)
+    def markDrained(self) -> Deferred[None]:
+        self.operations.append("drained")
+        return fail(Unavailable("down")) if self.failing else succeed(None)
 
 
 class DrainTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.registry = ConnectionRegistry()
-        self.db = FakeDatabase()
+        self.store = FakeStore()
         self.listener = FakeListener()
         self.metrics = Metrics()
         self.stoppedAccepting: list[float] = []
         self.exits: list[float] = []
         self.drain = Drain(
-            self.clock, self.db, "gw-a", self.registry,  # type: ignore[arg-type]
+            self.clock, self.store, self.registry,  # type: ignore[arg-type]
             self.stopAccepting, ShutdownConfig(bye_batch=2, bye_interval=1.0), 0.5,
             self.metrics, self.listener,  # type: ignore[arg-type]
             lambda: self.exits.append(self.clock.seconds()),
@@ -124,9 +131,9 @@ class DrainTests(SynchronousTestCase):
              [("shutdown", 2.0)]],
         )
         self.assertEqual(self.sample("ctrlgw_drain_handed_over_total"), 5)
-        self.assertEqual((self.db.operations, self.exits), ([], []))
+        self.assertEqual((self.store.operations, self.exits), ([], []))
         self.clock.advance(0.6)  # close_grace + 0.1 for the last sockets
-        self.assertEqual(self.db.operations, [("drain_done", ("gw-a",))])
+        self.assertEqual(self.store.operations, ["drained"])
         self.assertEqual(self.drain.check(), (False, "drained"))
         self.assertEqual(self.exits, [2.6])
 
@@ -142,6 +149,25 @@ class DrainTests(SynchronousTestCase):
         self.drain.start(exit=True)
         self.assertEqual(self.exits, [2.6])
         self.assertEqual(len(self.stoppedAccepting), 1)
+
+    def test_exitsThoughTheDatabaseIsDown(self) -> None:
+        """
+        A drained instance asked to exit exits even if it cannot record drained_at.
+        """
+        self.store.failing = True
+        self.drain.start(exit=True)
+        self.clock.pump([1.0, 1.0, 0.6])
+        self.assertEqual((self.store.operations, self.exits), (["drained"], [2.6]))
+
+    def test_shutdownStopsTheDrain(self) -> None:
+        """
+        A shutdown during a drain stops it: no more batches, no exit of its own.
+        """
+        self.drain.start(exit=True)
+        self.drain.stop()
+        self.clock.pump([1.0, 1.0, 0.6, 1.0])
+        self.assertEqual(sum(len(c.closed) for c in self.connections), 2)
+        self.assertEqual((self.store.operations, self.exits), ([], []))
 
     def test_latecomers(self) -> None:
         """
@@ -164,7 +190,7 @@ class DrainTests(SynchronousTestCase):
         the row says a drain was asked of this run.
         """
         notify = self.listener.handlers["ctrlgw_drain"]
-        self.db.requested = (False,)
+        self.store.requested = False
         notify("gw-b")
         self.assertFalse(self.drain.draining)
         notify("gw-a")
@@ -179,7 +205,7 @@ class DrainTests(SynchronousTestCase):
         [reconnected] = self.listener.reconnected
         reconnected()
         self.assertFalse(self.drain.draining)
-        self.db.requested = (True,)
+        self.store.requested = True
         reconnected()
         self.assertTrue(self.drain.draining)
 
@@ -198,14 +224,15 @@ class DrainRequestTests(PostgresTestCase):
         b = await startGateway(self, self.dsn, self.schema, "gw-b")
         controller = await connectController(listenerPort(a))
         await controller.hello("dev-1")
-        self.assertFalse(await requestDrain(self.db, "gw-nope", True))
-        self.assertEqual(await drainState(self.db, "gw-a"), (False, False))
+        store = Store(self.db, "cli")
+        self.assertFalse(await store.requestDrain("gw-nope", True))
+        self.assertEqual(await store.drainState("gw-a"), (False, False))
         out, err = io.StringIO(), io.StringIO()
         common = ["--config", EXAMPLE_CONFIG, "--dsn", self.dsn, "--schema", self.schema]
         code = await cli.run(reactor, ["drain", "gw-a", "--stay", "--wait", *common], out, err)
         self.assertEqual((code, out.getvalue(), err.getvalue()), (0, "instance gw-a drained\n", ""))
         self.assertEqual([f["reason"] for f in controller.of("bye")], ["shutdown"])
-        self.assertEqual(await drainState(self.db, "gw-a"), (True, True))
+        self.assertEqual(await store.drainState("gw-a"), (True, True))
         checks = a.readiness.evaluate()
         self.assertEqual(checks["drain"], {"ok": False, "detail": "drained"})
         self.assertTrue(b.readiness.ready())
@@ -229,7 +256,7 @@ class DrainRequestTests(PostgresTestCase):
         code = await cli.run(reactor, ["drain", "gw-a", "--wait", *common], out, err)
         self.assertEqual((code, out.getvalue()), (0, "instance gw-a has exited\n"))
         await waitUntil(lambda: not a.service.running, 10, what="gw-a to stop")
-        self.assertIsNone(await drainState(self.db, "gw-a"))
+        self.assertIsNone(await Store(self.db, "cli").drainState("gw-a"))
 
 
 class DrainUnderFleetTests(PostgresTestCase):

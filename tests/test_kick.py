@@ -10,6 +10,7 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from twisted.internet import reactor
@@ -22,6 +23,7 @@ from ctrlgw.interfaces import Session
 from ctrlgw.kick import Kicks, checkKick, kick, kickedChannel
 from ctrlgw.metrics import Metrics
 from ctrlgw.registry import ConnectionRegistry
+from ctrlgw.store.postgres import Store
 from tests.gateways import (
     connectController,
     httpPort,
@@ -53,8 +55,8 @@ class FakeListener:
         self.handlers[channel] = handler
 
 
-class FakeDatabase:
-    schema = "ctrlgw"
+class FakeStore:
+    db = SimpleNamespace(schema="ctrlgw")
 
 
 def session(controller: str, epoch: int) -> Session:
@@ -66,7 +68,7 @@ class KicksTests(SynchronousTestCase):
         self.registry = ConnectionRegistry()
         self.metrics = Metrics()
         self.listener = FakeListener()
-        self.kicks = Kicks(FakeDatabase(), self.registry, self.metrics, self.listener)  # type: ignore[arg-type]
+        self.kicks = Kicks(FakeStore(), self.registry, self.metrics, self.listener)  # type: ignore[arg-type]
 
     def bind(self, controller: str, epoch: int) -> FakeConnection:
         connection = FakeConnection(session(controller, epoch))
@@ -114,6 +116,9 @@ class KicksTests(SynchronousTestCase):
 class ClusterKickTests(PostgresTestCase):
     timeout = 120
 
+    def store(self) -> Store:
+        return Store(self.db, "cli")
+
     async def twoGateways(self, token: str = "") -> tuple[Any, Any]:
         sections = {"http": {"api_token": token}} if token else {}
         a = await startGateway(self, self.dsn, self.schema, "gw-a", sections)
@@ -144,7 +149,7 @@ class ClusterKickTests(PostgresTestCase):
         controller = await connectController(listenerPort(a))
         welcome = await controller.hello("dev-1")
         started = reactor.seconds()
-        kicked = await kick(self.db, "dev-1", "firmware update")
+        kicked = await kick(self.store(), "dev-1", "firmware update")
         assert kicked is not None
         self.assertEqual((kicked.instance, kicked.epoch), ("gw-a", welcome["epoch"]))
         took = await self.waitForBye(controller, started)
@@ -166,7 +171,7 @@ class ClusterKickTests(PostgresTestCase):
     @deferred
     async def test_notConnected(self) -> None:
         await self.twoGateways()
-        self.assertIsNone(await kick(self.db, "dev-nobody", "x"))
+        self.assertIsNone(await kick(self.store(), "dev-nobody", "x"))
         self.assertEqual(await self.history("dev-nobody"), [])
 
     @deferred
@@ -249,7 +254,7 @@ class ClusterKickTests(PostgresTestCase):
         a.notifications._handlers[kickedChannel(self.schema)] = lambda payload: None
         controller = await connectController(listenerPort(a))
         await controller.hello("dev-4")
-        await kick(self.db, "dev-4", "lost")
+        await kick(self.store(), "dev-4", "lost")
         await waitUntil(lambda: controller.isClosed, 10, what="reconciliation to close it")
         self.assertEqual([f["reason"] for f in controller.of("bye")], ["takeover"])
         self.assertEqual(sample(a, "ctrlgw_kicks_total"), 0)
