@@ -283,8 +283,20 @@ class DrainUnderFleetTests(PostgresTestCase):
         gateways = [GatewayProcess(self, workdir, self.dsn, self.schema, f"gw-{i}", sections)
                     for i in range(3)]
         for gateway in gateways:
+            # As deploy/haproxy: the listener reads the PROXY protocol HAProxy sends.
+            text = gateway.configPath.read_text()
+            text = text.replace("[listener:main]\nendpoint = tcp:", "[listener:main]\nendpoint = haproxy:tcp:")
+            self.assertIn("endpoint = haproxy:tcp:", text)
+            gateway.configPath.write_text(text)
             await gateway.start()
-        haproxy = HAProxy(self, workdir, {g.instance: g.port for g in gateways})
+        # As deploy/haproxy/haproxy.cfg: PROXY protocol v2, health checks on /readyz.
+        haproxy = HAProxy(
+            self, workdir, {g.instance: g.port for g in gateways},
+            check={g.instance: f"send-proxy-v2 check port {g.httpPort} inter 200ms fall 1 rise 1"
+                   for g in gateways},
+            backend=["option httpchk", "http-check send meth GET uri /readyz ver HTTP/1.1 hdr Host ctrlgw",
+                     "http-check expect status 200"],
+        )
         await haproxy.waitStates({g.instance: "UP" for g in gateways})
 
         fleet = 300
@@ -308,7 +320,12 @@ class DrainUnderFleetTests(PostgresTestCase):
         out, err = io.StringIO(), io.StringIO()
         common = ["--config", EXAMPLE_CONFIG, "--dsn", self.dsn, "--schema", self.schema]
         started = reactor.seconds()
-        code = await cli.run(reactor, ["drain", drained.instance, "--wait", *common], out, err)
+        drainDone = Deferred.fromCoroutine(
+            cli.run(reactor, ["drain", drained.instance, "--wait", *common], out, err)
+        )
+        # Not ready from the request on: HAProxy takes it out of rotation on /readyz.
+        await haproxy.waitStates({drained.instance: "DOWN"}, timeout=10)
+        code = await drainDone
         took = reactor.seconds() - started
         self.assertEqual((code, err.getvalue()), (0, ""), out.getvalue())
         assert drained.child is not None
