@@ -261,7 +261,7 @@ class Metrics:
             registry=r,
         )
 
-        # Operations: readiness, kicks and drains (docs/operations.md#operations).
+        # Readiness, drains and kicks (docs/operations.md#readiness-drains-and-kicks).
         self.ready = Gauge(
             "ctrlgw_ready",
             "1 while every readiness check passes (what /readyz answers 200 for), else 0.",
