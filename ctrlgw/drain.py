@@ -148,9 +148,19 @@ class Drain:
             self._running.addErrback(
                 lambda f: None if f.check(CancelledError) else log.failure("draining failed", f)
             )
-        if self.drained and exit:
-            self.exit()
+        elif self.drained:
+            # Asked again (drain_instance() cleared drained_at): say so again, for --wait.
+            ensureDeferred(self._recordDrained())
+            if exit:
+                self.exit()
         return self._running
+
+    async def _recordDrained(self) -> None:
+        try:
+            await self.store.markDrained()
+        except Exception as e:
+            # Drained all the same: ctrlgw drain --wait sees the instance leave, or times out.
+            log.warn("could not record the drain: {error}", error=e)
 
     def stop(self) -> None:
         """
@@ -179,11 +189,7 @@ class Drain:
                 v1.BYE_SHUTDOWN, self.metrics.drainHandedOver.inc,
             )
             await deferLater(self.clock, self.closeGrace + 0.1, lambda: None)
-        try:
-            await self.store.markDrained()
-        except Exception as e:
-            # Drained all the same: ctrlgw drain --wait sees the instance leave, or times out.
-            log.warn("could not record the drain: {error}", error=e)
+        await self._recordDrained()
         self.drained = True
         log.info("instance {instance} drained; {then}", instance=self.instance,
                  then="exiting" if self.exitWhenDrained else "staying up, idle")

@@ -146,6 +146,9 @@ class DrainTests(SynchronousTestCase):
         self.clock.pump([1.0, 1.0, 0.6])
         self.assertEqual(self.drain.check(), (False, "drained"))
         self.assertEqual(self.exits, [])
+        self.assertEqual(self.store.operations, ["drained"])
+        self.drain.start(exit=False)  # Asked again: drained_at is recorded again.
+        self.assertEqual((self.store.operations, self.exits), (["drained"] * 2, []))
         self.drain.start(exit=True)
         self.assertEqual(self.exits, [2.6])
         self.assertEqual(len(self.stoppedAccepting), 1)
@@ -240,6 +243,9 @@ class DrainRequestTests(PostgresTestCase):
         self.assertEqual(sample(a, "ctrlgw_draining"), 1)
         self.assertIsNone(a.service.getServiceNamed("listener:main").port)
         self.assertTrue(a.service.running)  # --stay
+        out = io.StringIO()
+        code = await cli.run(reactor, ["drain", "gw-a", "--stay", "--wait", *common], out, err)
+        self.assertEqual((code, out.getvalue()), (0, "instance gw-a drained\n"))  # asked again
         code = await cli.run(reactor, ["drain", "gw-nope", *common], out, err)
         self.assertEqual(code, 1)
         self.assertIn("no instance 'gw-nope' is registered", err.getvalue())
