@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -154,6 +155,7 @@ class ClusterKickTests(PostgresTestCase):
         self.assertEqual((kicked.instance, kicked.epoch), ("gw-a", welcome["epoch"]))
         took = await self.waitForBye(controller, started)
         self.assertLess(took, 1.0)
+        sys.stderr.write(f"\nkick() call to bye kicked on the holding instance: {took * 1000:.1f} ms\n")
         self.assertEqual(sample(a, "ctrlgw_kicks_total"), 1)
         await waitUntil(lambda: sample(a, "ctrlgw_disconnects_total", {"reason": "kicked"}) == 1)
         history = await self.history("dev-1")
