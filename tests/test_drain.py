@@ -31,9 +31,10 @@ from ctrlgw.metrics import Metrics
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.store.postgres import Store
 from tests.faults import GatewayProcess, HAProxy, requireFaults
-from tests.gateways import connectController, listenerPort, sample, sleep, startGateway, waitUntil
+from tests.gateways import connectController, listenerPort, sample, startGateway, waitUntil
 from tests.helpers import deferred
 from tests.pg import PostgresTestCase
+from tests.test_faults_database import pollUntil
 
 EXAMPLE_CONFIG = str(Path(__file__).resolve().parent.parent / "etc" / "ctrlgw.ini")
 
@@ -318,7 +319,7 @@ class DrainUnderFleetTests(PostgresTestCase):
             )
             return {instance: int(count) for instance, count in rows}
 
-        await waitForAsync(lambda: online(), lambda o: sum(o.values()) == fleet, 30, "the fleet")
+        await pollUntil(lambda: online(), lambda o: sum(o.values()) == fleet, 30, "the fleet")
         before = await online()
         drained = gateways[0]
         self.assertGreater(before.get(drained.instance, 0), 25)
@@ -337,7 +338,7 @@ class DrainUnderFleetTests(PostgresTestCase):
         assert drained.child is not None
         self.assertEqual(await drained.child.waitForExit(30), (0, None), drained.log())
 
-        after = await waitForAsync(
+        after = await pollUntil(
             lambda: online(), lambda o: sum(o.values()) == fleet, 30, "every controller back"
         )
         self.assertNotIn(drained.instance, after)
@@ -376,17 +377,6 @@ class DrainUnderFleetTests(PostgresTestCase):
             f"\ndrain under fleet: {byes} handed over in {took:.2f}s (byes spread"
             f" {float(spread):.2f}s), {summary['unanswered']} in flight at a bye\n"
         )
-
-
-async def waitForAsync(read: Any, done: Any, timeout: float, what: str) -> Any:
-    deadline = reactor.seconds() + timeout
-    while True:
-        value = await read()
-        if done(value):
-            return value
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}: {value}")
-        await sleep(0.2)
 
 
 class SimProcess:
