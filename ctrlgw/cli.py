@@ -27,7 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
-from ctrlgw import sim
+from ctrlgw import kick, sim
 from ctrlgw.api import isoTime, presenceJson
 from ctrlgw.auth import hashToken, newToken
 from ctrlgw.config import ConfigError, Overrides, loadConfig, parseDuration, parseIdentifier
@@ -214,7 +214,65 @@ def makeParser() -> argparse.ArgumentParser:
     )
     sim.addArguments(simParser)
     simParser.set_defaults(handler=None, needsSchema=False)
+    _addOperations(commands, after)
     return parser
+
+
+# --- kick and drain (ctrlgw/kick.py, ctrlgw/drain.py) ---
+
+
+def _addOperations(commands: Any, after: list[argparse.ArgumentParser]) -> None:
+    kickParser = commands.add_parser(
+        "kick", parents=after,
+        help="close a controller's live connection, wherever it is (it may reconnect)",
+    )
+    kickParser.add_argument("controller", metavar="ID")
+    kickParser.add_argument("--reason", default="ctrlgw kick",
+                            help="recorded in its history (default: ctrlgw kick)")
+    kickParser.set_defaults(handler=_kick, needsSchema=True)
+
+    drainParser = commands.add_parser(
+        "drain", parents=after,
+        help="make an instance stop accepting and hand its controllers over, then exit",
+    )
+    drainParser.add_argument("instance", metavar="INSTANCE", help="its [gateway] instance_id")
+    drainParser.add_argument("--stay", action="store_true",
+                             help="stay up, idle and not ready, once drained (default: exit)")
+    drainParser.add_argument("--wait", action="store_true",
+                             help="return once the instance is drained (or has exited)")
+    drainParser.add_argument("--timeout", type=_duration, default=300.0,
+                             help="with --wait, give up after this long (default: 5m)")
+    drainParser.set_defaults(handler=_drain, needsSchema=True)
+
+
+async def _kick(ctx: Context) -> int:
+    try:
+        kicked = await kick.kick(ctx.store, ctx.args.controller, ctx.args.reason)
+    except ValueError as e:
+        raise CommandFailed(str(e), EXIT_USAGE) from None
+    if kicked is None:
+        raise CommandFailed(f"controller {ctx.args.controller} is not connected")
+    ctx.out.write(
+        f"kicked {kicked.controller}: session epoch {kicked.epoch} on instance {kicked.instance}\n"
+    )
+    return EXIT_OK
+
+
+async def _drain(ctx: Context) -> int:
+    instance: str = ctx.args.instance
+    if not await ctx.store.requestDrain(instance, not ctx.args.stay):
+        raise CommandFailed(f"no instance {instance!r} is registered in schema {ctx.schema}")
+    if not ctx.args.wait:
+        ctx.out.write(f"instance {instance} draining\n")
+        return EXIT_OK
+    waited = 0.0
+    while (state := await ctx.store.drainState(instance)) is not None and not state[1]:
+        if waited >= ctx.args.timeout:
+            raise CommandFailed(f"instance {instance} not drained after {ctx.args.timeout:g}s")
+        await deferLater(ctx.db.clock, 0.2, lambda: None)
+        waited += 0.2
+    ctx.out.write(f"instance {instance} {'drained' if state is not None else 'has exited'}\n")
+    return EXIT_OK
 
 
 def _duration(raw: str) -> float:

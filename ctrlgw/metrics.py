@@ -6,7 +6,12 @@ Names are prefixed C{ctrlgw_}; docs/operations.md lists them with what to alert 
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
+
+# No C{_created} series next to every counter and histogram: they double the series count
+# and say nothing a dashboard or an alert uses (the process start time is exported anyway).
+# prometheus_client's switch is process-wide.
+disable_created_metrics()
 
 _SECONDS_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 _SKEW_SECONDS = (-60, -10, -2, -0.5, -0.1, -0.02, 0, 0.02, 0.1, 0.5, 2, 10, 60)
@@ -284,5 +289,26 @@ class Metrics:
             "Pauses of Python's cyclic garbage collector, by generation collected (2: full).",
             ["generation"],
             buckets=_SECONDS_FAST,
+            registry=r,
+        )
+
+        # Readiness, drains and kicks (docs/operations.md#readiness-drains-and-kicks).
+        self.ready = Gauge(
+            "ctrlgw_ready",
+            "1 while every readiness check passes (what /readyz answers 200 for), else 0.",
+            registry=r,
+        )
+        self.kicks = Counter(
+            "ctrlgw_kicks_total",
+            "Connections closed here because a kick (ctrlgw kick, DELETE"
+            " /v1/controllers/{id}/connection) ended their session.",
+            registry=r,
+        )
+        self.draining = Gauge(
+            "ctrlgw_draining", "1 from a drain request (ctrlgw drain) on, else 0.", registry=r
+        )
+        self.drainHandedOver = Counter(
+            "ctrlgw_drain_handed_over_total",
+            "Connections a drain closed with bye shutdown, for them to reconnect elsewhere.",
             registry=r,
         )

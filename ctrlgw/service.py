@@ -40,9 +40,11 @@ from twisted.python.failure import Failure
 from ctrlgw.api import ApiResource
 from ctrlgw.cluster import Cluster
 from ctrlgw.config import DatabaseConfig, GatewayConfig
+from ctrlgw.drain import Drain, byeInBatches
 from ctrlgw.gcpolicy import ScheduledCollection
 from ctrlgw.inbox import Inbox
 from ctrlgw.interfaces import Unavailable
+from ctrlgw.kick import Kicks
 from ctrlgw.metrics import Metrics
 from ctrlgw.outbox import Outbox, commandsChannel
 from ctrlgw.ownership import EventLog, PostgresOwnership
@@ -595,17 +597,21 @@ class Gateway:
     """
 
     def __init__(
-        self, config: GatewayConfig, reactor: Any, fatal: Callable[[str], object] | None = None
+        self, config: GatewayConfig, reactor: Any, fatal: Callable[[str], object] | None = None,
+        exit: Callable[[], object] | None = None,
     ) -> None:
         """
         @param fatal: Called with one line when a listener fails to listen after start-up
             (twistd: say it on standard error and exit non-zero); without it, logged.
+        @param exit: Called when a drain asks the process to exit (twistd: stop the
+            reactor); without it, the service tree stops.
         """
         self.config = config
         self.reactor = reactor
         self.instance = config.instance_id or generateInstanceId()
         self.metrics = Metrics()
         self.readiness = Readiness()
+        self.metrics.ready.set_function(lambda: 1.0 if self.readiness.ready() else 0.0)
         self.db = Database(reactor, config.database, self.metrics, f"ctrlgw {self.instance}")
         cluster = config.cluster
         self.store = Store(
@@ -689,6 +695,15 @@ class Gateway:
         self.readiness.add("clock", self._clockCheck)
         for listener, service in zip(config.listeners, self.listeners, strict=True):
             self.readiness.add(f"listener:{listener.name}", service.check)
+        # Kick and drain (ctrlgw/kick.py, ctrlgw/drain.py).
+        self.kicks = Kicks(self.store, self.registry, self.metrics, self.notifications)
+        self.api.addRoute(b"DELETE", 3, self.kicks.deleteConnection)
+        self.drain = Drain(
+            reactor, self.store, self.registry, self._stopAccepting,
+            config.shutdown, config.liveness.close_grace, self.metrics, self.notifications,
+            exit if exit is not None else lambda: self.service.stopService(),
+        )
+        self.readiness.add("drain", self.drain.check)
         self.service = self._buildTree()
 
     def _buildTree(self) -> SequentialMultiService:
@@ -783,17 +798,26 @@ class Gateway:
         back as one herd, then wait (bounded) for the sockets to close.
         """
         context, shutdown = self.context, self.config.shutdown
+        self.drain.stop()
         context.accepting = False
         connections = list(context.connections)
         if connections:
             log.info("saying bye to {count} connections", count=len(connections))
-        for start in range(0, len(connections), shutdown.bye_batch):
-            for connection in connections[start : start + shutdown.bye_batch]:
-                connection.close(v1.BYE_SHUTDOWN)
-            if start + shutdown.bye_batch < len(connections):
-                await deferLater(self.reactor, shutdown.bye_interval, lambda: None)
+        await byeInBatches(
+            self.reactor, connections, shutdown.bye_batch, shutdown.bye_interval, v1.BYE_SHUTDOWN
+        )
         if context.connections:
             await deferLater(self.reactor, self.config.liveness.close_grace + 0.1, lambda: None)
+
+    def _stopAccepting(self) -> Deferred[Any]:
+        """
+        For a drain: refuse new hellos, and stop the controller listeners.
+        """
+        self.context.accepting = False
+        return DeferredList(
+            [maybeDeferred(listener.stopService) for listener in self.listeners if listener.running],
+            consumeErrors=True,
+        )
 
     async def _drainWriters(self) -> None:
         await _bounded(

@@ -68,7 +68,22 @@ def makeService(options: Options, reactor: Any = None) -> IService:
     from ctrlgw.service import Gateway
 
     assert options.gatewayConfig is not None
-    return Gateway(options.gatewayConfig, reactor, lambda line: stopProcess(reactor, line)).service
+    return Gateway(
+        options.gatewayConfig, reactor, lambda line: stopProcess(reactor, line),
+        exit=lambda: _stopReactor(reactor),
+    ).service
+
+
+def _stopReactor(reactor: Any) -> None:
+    """
+    Stop: the service tree stops in order, then the process exits with status 0.
+    """
+    from twisted.internet.error import ReactorNotRunning
+
+    try:
+        reactor.stop()
+    except ReactorNotRunning:
+        pass  # Stopping already.
 
 
 def _exitNow(status: int) -> None:

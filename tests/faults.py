@@ -313,7 +313,12 @@ class HAProxy:
     """
 
     def __init__(self, testCase: TestCase, workdir: Path, servers: Mapping[str, int],
-                 check: str = "check inter 200ms fall 1 rise 1") -> None:
+                 check: str | Mapping[str, str] = "check inter 200ms fall 1 rise 1",
+                 backend: Sequence[str] = ()) -> None:
+        """
+        @param check: the check options of every server, or of each by name.
+        @param backend: more lines for the backend (an HTTP health check, say).
+        """
         self.port = freePort()
         self.socketPath = str(workdir / "haproxy.sock")
         lines = [
@@ -332,7 +337,12 @@ class HAProxy:
             "    default_backend gateways",
             "backend gateways",
             "    balance roundrobin",
-            *(f"    server {name} 127.0.0.1:{port} {check}" for name, port in servers.items()),
+            *(f"    {line}" for line in backend),
+            *(
+                f"    server {name} 127.0.0.1:{port} "
+                + (check if isinstance(check, str) else check[name])
+                for name, port in servers.items()
+            ),
         ]
         self.configPath = workdir / "haproxy.cfg"
         self.configPath.write_text("\n".join(lines) + "\n")

@@ -10,6 +10,7 @@ import io
 import json
 import re
 import uuid
+from types import SimpleNamespace
 from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
@@ -25,7 +26,9 @@ from ctrlgw import cli
 from ctrlgw.api import ApiResource, isoTime, presenceJson
 from ctrlgw.cluster import takeoverChannel
 from ctrlgw.config import Key, sectionKeys
+from ctrlgw.drain import drainChannel
 from ctrlgw.interfaces import Unavailable
+from ctrlgw.kick import Kicks, kickedChannel
 from ctrlgw.metrics import Metrics
 from ctrlgw.outbox import commandsChannel, resultsChannel
 from ctrlgw.protocol import messages as v1
@@ -40,7 +43,9 @@ from tests.pg import PostgresTestCase
 [_SCHEMA_KEY] = [k for k in sectionKeys()["database"] if k.name == "schema"]
 DOC_SCHEMA = _SCHEMA_KEY.default
 CHANNELS = {
-    f(DOC_SCHEMA) for f in (takeoverChannel, commandsChannel, resultsChannel, repliesChannel)
+    f(DOC_SCHEMA)
+    for f in (takeoverChannel, commandsChannel, resultsChannel, kickedChannel, drainChannel,
+              repliesChannel)
 }
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -465,6 +470,8 @@ class FakeStore:
     The L{Store} calls the API makes; C{failure}, when set, is raised by every call.
     """
 
+    db = SimpleNamespace(schema=DOC_SCHEMA)
+
     def __init__(self) -> None:
         self.failure: Exception | None = None
 
@@ -483,6 +490,25 @@ class FakeStore:
     async def sendCommand(self, controller: str, body: object, ttl: float) -> str:
         self._check()
         return COMMAND
+
+    async def kickController(self, controller: str, reason: str) -> tuple[str, int] | None:
+        self._check()
+        return ("gw-a", 6) if controller == CONTROLLER else None
+
+
+class _NoListener:
+    def subscribe(self, *args: Any) -> None:
+        pass
+
+
+def kickRoute(api: ApiResource) -> None:
+    """
+    The route the gateway adds to its API for kicks (ctrlgw/kick.py), on the API's store.
+    """
+    from ctrlgw.registry import ConnectionRegistry
+
+    kicks = Kicks(api.store, ConnectionRegistry(), Metrics(), cast(Any, _NoListener()))
+    api.addRoute(b"DELETE", 3, kicks.deleteConnection)
 
 
 class Response:
@@ -519,6 +545,7 @@ def request(
     the channel.
     """
     api = ApiResource(apiToken, cast(Store, store or FakeStore()))
+    kickRoute(api)
     site = makeSite(makeRoot(CollectorRegistry(), Readiness(), api))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
@@ -599,12 +626,14 @@ class HttpTests(SynchronousTestCase):
                 served("POST", post, b'{"ttl": "2m"}'),
                 served("POST", post, b'{"body": 1, "ttl": "0s"}'),
                 served("POST", post, b'{"body": 1, "ttl": "soon"}'),
+                served("DELETE", f"/v1/controllers/{CONTROLLER}/connection?reason=" + "x" * 201),
             ],
             401: [served("GET", "/v1/controllers", token=None), served("GET", "/v1/controllers", token="x")],
             404: [
                 served("GET", f"/v1/commands/{UNKNOWN_COMMAND}"),
                 served("GET", "/v1/nope"),
                 served("DELETE", f"/v1/controllers/{CONTROLLER}"),
+                served("DELETE", "/v1/controllers/dev-offline/connection"),
                 served("GET", "/v1/controllers", apiToken=""),
             ],
             413: [served("POST", post, commandBody(MAX_REQUEST_BODY + 1))],

@@ -49,6 +49,7 @@ BYE_IDLE_TIMEOUT = "idle_timeout"
 BYE_PROTOCOL_ERROR = "protocol_error"
 BYE_UNAVAILABLE = "unavailable"
 BYE_REVOKED = "revoked"
+BYE_KICKED = "kicked"
 
 
 class ProtocolError(Exception):

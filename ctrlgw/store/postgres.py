@@ -854,3 +854,59 @@ class Store:
             " WHERE controller_id = %s ORDER BY at DESC, id DESC LIMIT %s",
             (controller, limit),
         )
+
+    # --- kick and drain (migration 9; ctrlgw/kick.py, ctrlgw/drain.py) ---
+
+    async def kickController(self, controller: str, reason: str) -> tuple[str, int] | None:
+        """
+        End C{controller}'s online session (C{kick_controller()}): the instance that held
+        it and its epoch, or C{None} when it was not online.
+        """
+        rows = await self.db.runQuery(
+            "kick_controller", "SELECT instance_id, epoch FROM kick_controller(%s, %s)",
+            (controller, reason),
+        )
+        return (str(rows[0][0]), int(rows[0][1])) if rows else None
+
+    async def requestDrain(self, instance: str, exit: bool) -> bool:
+        """
+        Ask C{instance} to drain (C{drain_instance()}); C{False} if it is not registered.
+        """
+        rows = await self.db.runQuery(
+            "drain_instance", "SELECT drain_instance(%s, %s)", (instance, exit)
+        )
+        return bool(rows[0][0])
+
+    async def drainState(self, instance: str) -> tuple[bool, bool] | None:
+        """
+        (a drain was asked of its current run, it has drained since) for C{instance};
+        C{None} when it has no row (not running, or exited).
+        """
+        rows = await self.db.runQuery(
+            "drain_state",
+            "SELECT coalesce(drain_requested_at > started_at, false),"
+            " coalesce(drained_at >= drain_requested_at, false)"
+            " FROM instances WHERE instance_id = %s",
+            (instance,),
+        )
+        return (bool(rows[0][0]), bool(rows[0][1])) if rows else None
+
+    async def drainRequested(self) -> bool | None:
+        """
+        Whether a drain was asked of this instance's current run: C{None} if not, else
+        whether to exit once drained.
+        """
+        rows = await self.db.runQuery(
+            "drain_request",
+            "SELECT drain_exit FROM instances"
+            " WHERE instance_id = %s AND drain_requested_at > started_at",
+            (self.instance,),
+        )
+        return bool(rows[0][0]) if rows else None
+
+    async def markDrained(self) -> None:
+        await self.db.runOperation(
+            "drain_done",
+            "UPDATE instances SET drained_at = clock_timestamp() WHERE instance_id = %s",
+            (self.instance,),
+        )
