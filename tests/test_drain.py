@@ -93,7 +93,7 @@ class DrainTests(SynchronousTestCase):
         self.exits: list[float] = []
         self.drain = Drain(
             self.clock, self.store, self.registry,  # type: ignore[arg-type]
-            self.stopAccepting, ShutdownConfig(bye_batch=2, bye_interval=1.0), 0.5,
+            self.stopAccepting, ShutdownConfig(bye_batch=2, bye_interval=1.0, drain_timeout=10.0), 0.5,
             self.metrics, self.listener,  # type: ignore[arg-type]
             lambda: self.exits.append(self.clock.seconds()),
         )
