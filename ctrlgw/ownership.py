@@ -176,9 +176,7 @@ class PostgresOwnership:
         self, controller: str, token: str | None, listener: str, peer: str,
         mode: str | None = None,
     ) -> Deferred[Session]:
-        return Deferred.fromCoroutine(
-            self._claim(controller, token, listener, peer, mode or self.auth.mode)
-        )
+        return Deferred.fromCoroutine(self._claim(controller, token, listener, peer, mode))
 
     def claimInFlight(self, controller: str) -> bool:
         """
@@ -202,8 +200,10 @@ class PostgresOwnership:
                 flight.revoked = True
 
     async def _claim(
-        self, controller: str, token: str | None, listener: str, peer: str, mode: str
+        self, controller: str, token: str | None, listener: str, peer: str,
+        mode: str | None = None,
     ) -> Session:
+        mode = mode or self.auth.mode
         if not self.admitting:
             raise Unavailable("the instance is not registered in the cluster yet")
         flight = _Flight()
@@ -244,21 +244,30 @@ class PostgresOwnership:
         if self.limiter.blocked(host) or self.idLimiter.blocked(controller):
             reason = "rate_limited"
         else:
-            # Counted as a failure until it has succeeded, so that many hellos in flight
-            # at once cannot all get past the limit.
-            self.limiter.record(host)
-            self.idLimiter.record(controller)
+            # A token is a secret to guess: counted as a failure until it has succeeded,
+            # so that many hellos in flight at once cannot all get past the limit.  In
+            # registered mode there is none, and a fleet of trackers behind one carrier
+            # NAT reconnects at once: only the ids that are refused count.
+            early = mode == "token"
+            if early:
+                self.limiter.record(host)
+                self.idLimiter.record(controller)
             try:
                 credentials = cast(_Credentials, await self._lookups.add(controller))
             except BaseException:
-                self.limiter.forgive(host)
-                self.idLimiter.forgive(controller)
+                if early:
+                    self.limiter.forgive(host)
+                    self.idLimiter.forgive(controller)
                 raise
             reason = _refusal(token, credentials, mode)
             if reason is None:
-                self.limiter.forgive(host)
-                self.idLimiter.forgive(controller)
+                if early:
+                    self.limiter.forgive(host)
+                    self.idLimiter.forgive(controller)
                 return
+            if not early:
+                self.limiter.record(host)
+                self.idLimiter.record(controller)
         self.events.record(controller, "auth_failed", reason, None, peer)
         raise AuthFailed(reason)
 

@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
@@ -37,6 +37,8 @@ from ctrlgw.interfaces import AuthFailed, Unavailable
 from ctrlgw.ownership import EventLog, PostgresOwnership
 from ctrlgw.protocol.factory import ControllerFactory
 from ctrlgw.protocol.session import State
+from ctrlgw.sim import SimOptions, Stats, runSim
+from ctrlgw.simtrackers import imeiFor
 from ctrlgw.store.postgres import ClaimPolicy, Store
 from tests.gateways import listenerPort, sample, sleep, startGateway, waitUntil
 from tests.helpers import (
@@ -655,6 +657,24 @@ class RegisteredOwnershipTests(PostgresTestCase):
         self.assertIsNone(await self.refusal("999", None))
         self.assertEqual(await self.refusal("356307042441013", "token"), "bad_token")
 
+    @deferred
+    async def test_registeredFleetBehindOneAddress(self) -> None:
+        """
+        Many trackers behind one address claim at once in registered mode and are all
+        admitted ([auth] max_failures is 3 here); ids refused from that address still
+        count against it, and past the limit it is refused without a look-up.
+        """
+        for i in range(20):
+            await self.store.addController(f"35000000000{i:04d}", hashToken("unused"), "")
+        sessions = await gatherResults([
+            self.ownership.claim(f"35000000000{i:04d}", None, "trk", f"198.51.100.1:{i}",
+                                 "registered")
+            for i in range(20)])
+        self.assertEqual(len(sessions), 20)
+        for i in range(3):
+            self.assertEqual(await self.refusal(f"9{i}", "registered"), "unknown_controller")
+        self.assertEqual(await self.refusal("356307042441013", "registered"), "rate_limited")
+
 
 # --- through a real gateway and PostgreSQL ---
 
@@ -808,3 +828,47 @@ class TrackerGatewayTests(PostgresTestCase):
         tracker.send(h(GT06_REPLY))
         status = await self.commandState(command, "acked")
         self.assertEqual(status["result"], "<ICCID:89882390000097302650>")
+
+
+class TrackerSimTests(PostgresTestCase):
+    timeout = 90
+
+    async def fleet(self, dialect: str) -> None:
+        """
+        A small fleet of simulated trackers: every tracker admitted, every position sent
+        acked and in the inbox once, a command answered.
+        """
+        gateway = await startGateway(self, self.dsn, self.schema, "gw-sim", {
+            "listener:main": {"dialect": dialect, "auth": "registered"}})
+        options = SimOptions(endpoints=[("127.0.0.1", listenerPort(gateway))],
+                             controllers=20, rate=100.0, duration=2.0, dialect=dialect)
+        ids = [imeiFor(options.prefix, i) for i in range(20)]
+        for imei in ids:
+            await gateway.store.addController(imei, hashToken("x"), "")
+        commandSent: list[str] = []
+
+        def tick(stats: Stats, elapsed: float) -> None:
+            if stats.welcomes == 20 and not commandSent:
+                commandSent.append("pending")
+                d = self.db.runQuery(
+                    "test", "SELECT send(%s, '{\"command\": \"getinfo\"}')::text", (ids[3],))
+                d.addCallback(lambda rows: commandSent.__setitem__(0, rows[0][0]))
+
+        stats = await runSim(reactor, options, tick)
+        self.assertEqual(stats.welcomes, 20)
+        self.assertGreater(stats.msgs, 100)
+        self.assertEqual(stats.acks, stats.msgs)
+        self.assertEqual(stats.errors, 0, (stats.errorCodes, stats.counters()))
+        rows = await self.db.runQuery(
+            "test", "SELECT count(*), count(DISTINCT message_id) FROM inbox")
+        self.assertEqual(rows, [(stats.acks, stats.acks)])
+        self.assertEqual(stats.cmds, 1)
+        state = await self.db.runQuery(
+            "test", "SELECT state, result FROM commands WHERE id = %s", (commandSent[0],))
+        self.assertEqual(state, [("acked", "OK")])
+
+    def test_teltonikaFleet(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.fleet("teltonika"))
+
+    def test_gt06Fleet(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self.fleet("gt06"))
