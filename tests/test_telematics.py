@@ -25,6 +25,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
 from ctrlgw.auth import hashToken
@@ -40,7 +41,16 @@ from ctrlgw.protocol.session import State
 from ctrlgw.sim import SimOptions, Stats, runSim
 from ctrlgw.simtrackers import imeiFor
 from ctrlgw.store.postgres import ClaimPolicy, Store
-from tests.gateways import listenerPort, sample, sleep, startGateway, waitUntil
+from tests.gateways import (
+    TwistdProcess,
+    freePort,
+    gatewayConfigText,
+    listenerPort,
+    sample,
+    sleep,
+    startGateway,
+    waitUntil,
+)
 from tests.helpers import (
     EPOCH_SECONDS,
     MemorySink,
@@ -534,6 +544,37 @@ class TeltonikaProtocolTests(SynchronousTestCase):
         self.assertEqual(end.storeAll(), h("00000002"))
 
 
+class RandomBytesToProtocols(SynchronousTestCase):
+    """
+    Whatever a live tracker sends, no frame handling fails (a failure would abort the
+    connection at once) and nothing unexpected is stored.
+    """
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(st.binary(max_size=300), max_size=6), st.sampled_from(["teltonika", "gt06"]))
+    def test_randomReads(self, reads: list[bytes], dialect: str) -> None:
+        end = TrackerEnd(dialect)
+        end.send(h(WIKI_IMEI if dialect == "teltonika" else GT06_LOGIN))
+        for data in reads:
+            end.send(data)
+        end.storeAll()
+        self.assertEqual(end.transport.aborts, 0)
+        self.assertIn(end.protocol.state, (State.LIVE, State.CLOSED))
+
+    @settings(max_examples=100, deadline=None)
+    @given(st.data())
+    def test_splitPacketsStoredAndAcked(self, data: st.DataObject) -> None:
+        stream = h(WIKI_IMEI + WIKI_CODEC8 + "FF" + WIKI_CODEC8_TWO)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=10)))
+        end = TrackerEnd("teltonika")
+        out = b""
+        for start, stop in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            out += end.send(stream[start:stop])
+        out += end.storeAll()
+        self.assertEqual(out, b"\x01" + h("00000001") + h("00000002"))
+        self.assertEqual(len(end.sink.submissions), 3)
+
+
 async def _raise(error: Exception) -> Any:
     raise error
 
@@ -757,9 +798,18 @@ class TrackerGatewayTests(PostgresTestCase):
         await stranger.expect(b"\x00")
         await waitUntil(lambda: stranger.isClosed, 10, what="the stranger closed")
 
+        truncated = await self.connect(gateway)
+        truncated.send(h(WIKI_IMEI))
+        await truncated.expect(b"\x01")
+        truncated.send(h(WIKI_CODEC8E)[:30])
+        await sleep(0.3)
+        self.assertEqual(truncated.received, b"")
+
         tracker = await self.connect(gateway)
         tracker.send(h(WIKI_IMEI))
         await tracker.expect(b"\x01")
+        await waitUntil(lambda: truncated.isClosed, 10, what="the truncated one taken over")
+        self.assertEqual(truncated.received, b"")
         tracker.send(h(WIKI_CODEC8))
         await tracker.expect(h("00000001"))
         tracker.send(h(WIKI_CODEC8_TWO))
@@ -798,6 +848,43 @@ class TrackerGatewayTests(PostgresTestCase):
         newer.send(h("00000000") + (70000).to_bytes(4, "big"))
         await waitUntil(lambda: newer.isClosed, 10, what="oversize packet closing")
         self.assertEqual(newer.received, b"")
+
+    @deferred
+    async def test_twistdProcess(self) -> None:
+        """
+        The wiki's Codec 8 example through a gateway process (twistd ctrlgw): admitted
+        under auth = registered, acked 00000001, in the inbox with its own timestamp.
+        """
+        store = Store(self.db, "test", ClaimPolicy())
+        await store.addController("356307042441013", hashToken("x"), "")
+        port, http = freePort(), freePort()
+        workdir = FilePath(self.mktemp())
+        workdir.makedirs()
+        config = workdir.child("gw.ini")
+        config.setContent(gatewayConfigText(self.dsn, self.schema, "proc", {
+            "listener:main": {"endpoint": f"tcp:{port}:interface=127.0.0.1",
+                              "dialect": "teltonika", "auth": "registered",
+                              "idle_timeout": "30m"},
+            "http": {"endpoint": f"tcp:{http}:interface=127.0.0.1"},
+        }).encode("utf-8"))
+        child = TwistdProcess.spawn(
+            self, ["-n", "--pidfile=", "ctrlgw", "--config", config.path], workdir.path)
+        await child.waitReady(http, timeout=60)
+        tracker = Tracker()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), tracker)
+        self.addCleanup(lambda: None if tracker.isClosed else tracker.transport.abortConnection())
+        tracker.send(h(WIKI_IMEI))
+        await tracker.expect(b"\x01")
+        tracker.send(h(WIKI_CODEC8)[:20])
+        await sleep(0.05)
+        tracker.send(h(WIKI_CODEC8)[20:])
+        await tracker.expect(h("00000001"))
+        rows = await self.query(
+            "SELECT (extract(epoch FROM device_ts) * 1000)::bigint, body->'io' FROM inbox"
+            " WHERE controller_id = '356307042441013'")
+        self.assertEqual(rows, [(1560161086000,
+                                 {"21": 3, "1": 1, "66": 24079, "241": 24602, "78": 0})])
+        self.assertNotIn(b"Traceback", child.output, child.text())
 
     @deferred
     async def test_gt06ExamplesLandInPostgres(self) -> None:
