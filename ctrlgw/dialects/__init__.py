@@ -27,6 +27,7 @@ from ctrlgw.plugins import pluginNamed, pluginsByName
 
 if TYPE_CHECKING:
     from ctrlgw.config import ListenerConfig
+    from ctrlgw.dialects.telematics import TelematicsProtocol
     from ctrlgw.protocol.session import ConnectionContext
 
 
@@ -166,9 +167,12 @@ class TeltonikaDialect:
         self, context: ConnectionContext, listener: ListenerConfig,
         applySocketOptions: Callable[[Any], object],
     ) -> Protocol:
+        return self.protocolClass()(context, listener, applySocketOptions)
+
+    def protocolClass(self) -> type[TelematicsProtocol]:
         from ctrlgw.dialects.teltonika import TeltonikaProtocol
 
-        return TeltonikaProtocol(context, listener, applySocketOptions)
+        return TeltonikaProtocol
 
     def refuseConnection(
         self, context: ConnectionContext, listener: ListenerConfig, detail: str
@@ -185,13 +189,10 @@ class Gt06Dialect(TeltonikaDialect):
     framing = "gt06"
     keys: tuple[Key, ...] = (Key("check_crc", parseBool, "yes"),)
 
-    def buildProtocol(
-        self, context: ConnectionContext, listener: ListenerConfig,
-        applySocketOptions: Callable[[Any], object],
-    ) -> Protocol:
+    def protocolClass(self) -> type[TelematicsProtocol]:
         from ctrlgw.dialects.gt06 import Gt06Protocol
 
-        return Gt06Protocol(context, listener, applySocketOptions)
+        return Gt06Protocol
 
 
 v1Dialect = V1Dialect()

@@ -13,9 +13,6 @@ long frame) settles it C{acked} with the reply's text as its result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 from ctrlgw.clock import wallMillis
 from ctrlgw.config import ListenerConfig
 from ctrlgw.dialects import gt06_codec as codec
@@ -23,20 +20,14 @@ from ctrlgw.dialects.telematics import TelematicsProtocol
 from ctrlgw.dialects.teltonika import commandText
 from ctrlgw.interfaces import Session
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.session import ConnectionContext, State
+from ctrlgw.protocol.session import State
 
 # A 0x80 command fits a short frame: its length byte counts the flag and the text.
 MAX_COMMAND = 200
 
 
 class Gt06Protocol(TelematicsProtocol):
-    def __init__(
-        self,
-        context: ConnectionContext,
-        listener: ListenerConfig,
-        applySocketOptions: Callable[[Any], object] = lambda transport: None,
-    ) -> None:
-        super().__init__(context, listener, applySocketOptions)
+    def configure(self, listener: ListenerConfig) -> None:
         self.checkCrc: bool = listener.options["check_crc"]
         self.framer = codec.Gt06Framer(listener.max_frame)
         self._loginSerial = 0

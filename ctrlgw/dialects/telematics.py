@@ -118,6 +118,12 @@ class TelematicsProtocol(SessionProtocol):
         self.acks = PacketAcks()
         # The command written and not answered yet.
         self.outstanding: str | None = None
+        self.configure(listener)
+
+    def configure(self, listener: ListenerConfig) -> None:
+        """
+        Set up the subclass's parser for C{listener} (its C{max_frame}, its options).
+        """
 
     # --- what the subclass calls ---
 

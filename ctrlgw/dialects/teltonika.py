@@ -13,8 +13,6 @@ C{{"command": TEXT}} is written as a Codec 12 command (type 0x05); the device's 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from typing import Any
 
 from twisted.internet.protocol import Protocol
 
@@ -23,7 +21,7 @@ from ctrlgw.dialects import teltonika_codec as codec
 from ctrlgw.dialects.telematics import TelematicsProtocol
 from ctrlgw.interfaces import Session
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.session import ConnectionContext, State
+from ctrlgw.protocol.session import State
 
 # A command's text: printable ASCII, as Teltonika's SMS/GPRS commands are.
 MAX_COMMAND = 1024
@@ -46,13 +44,7 @@ def commandText(body: object) -> bytes:
 
 
 class TeltonikaProtocol(TelematicsProtocol):
-    def __init__(
-        self,
-        context: ConnectionContext,
-        listener: ListenerConfig,
-        applySocketOptions: Callable[[Any], object] = lambda transport: None,
-    ) -> None:
-        super().__init__(context, listener, applySocketOptions)
+    def configure(self, listener: ListenerConfig) -> None:
         self.framer = codec.TeltonikaFramer(listener.max_frame)
 
     def dataReceived(self, data: bytes) -> None:
