@@ -239,32 +239,41 @@ def parsePacket(frame: bytes) -> AvlPacket | CodecMessage:
     return result
 
 
+_GPS = struct.Struct(">QBiihHBH")  # timestamp .. speed: 24 bytes
+_UINT = {1: struct.Struct(">B"), 2: struct.Struct(">H"), 4: struct.Struct(">I"),
+         8: struct.Struct(">Q")}
+
+
 def _record(reader: _Reader, extended: bool) -> Record:
     start = reader.offset
-    ts = reader.uint(8)
+    data = reader.data
+    if start + _GPS.size > reader.end:
+        raise TeltonikaError(BAD_LENGTH, "the data ends inside a record")
+    ts, priority, lon, lat, alt, angle, satellites, speed = _GPS.unpack_from(data, start)
     if ts > MAX_TS_MS:
         raise TeltonikaError(BAD_RECORD, f"timestamp {ts} is past the year 9999")
-    priority = reader.uint(1)
-    lon = reader.sint(4) / 1e7
-    lat = reader.sint(4) / 1e7
-    alt = reader.sint(2)
-    angle = reader.uint(2)
-    satellites = reader.uint(1)
-    speed = reader.uint(2)
+    reader.offset = start + _GPS.size
     idSize = 2 if extended else 1
+    ids = _UINT[idSize]
     event = reader.uint(idSize)
     reader.uint(idSize)  # the total count: the sum of the groups' below
     io: dict[str, Any] = {}
     for size in (1, 2, 4, 8):
-        for _ in range(reader.uint(idSize)):
-            key = str(reader.uint(idSize))
-            io[key] = reader.uint(size)
+        count = reader.uint(idSize)
+        width = idSize + size
+        end = reader.offset + count * width
+        if end > reader.end:
+            raise TeltonikaError(BAD_LENGTH, "the data ends inside a record")
+        values = _UINT[size]
+        for at in range(reader.offset, end, width):
+            io[str(ids.unpack_from(data, at)[0])] = values.unpack_from(data, at + idSize)[0]
+        reader.offset = end
     if extended:
         for _ in range(reader.uint(2)):
             key = str(reader.uint(2))
             io[key] = reader.take(reader.uint(2)).hex()
-    return Record(ts, priority, lon, lat, alt, angle, satellites, speed, event, io,
-                  reader.data[start : reader.offset])
+    return Record(ts, priority, lon / 1e7, lat / 1e7, alt, angle, satellites, speed, event, io,
+                  data[start : reader.offset])
 
 
 # --- encoding: what the gateway writes, and what the simulator sends ---
