@@ -270,6 +270,9 @@ _LISTENER_KEYS: tuple[Key, ...] = (
     # Empty: [timestamps] max_age and max_future.
     Key("max_age", orInherit(inRange(parseDuration, 0.001, 3650 * 86400)), ""),
     Key("max_future", orInherit(inRange(parseDuration, 0, 3650 * 86400)), ""),
+    # Empty: [auth] mode and [liveness] idle_timeout.
+    Key("auth", orInherit(oneOf("none", "token", "registered")), ""),
+    Key("idle_timeout", orInherit(inRange(parseDuration, 0.2, 86400)), ""),
 )
 
 
@@ -300,6 +303,9 @@ class ListenerConfig:
     # None: as in [timestamps].
     max_age: float | None = None
     max_future: float | None = None
+    # None: as in [auth] and [liveness].
+    auth: str | None = None
+    idle_timeout: float | None = None
     # The values of the dialect's own keys.
     options: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
@@ -312,6 +318,14 @@ class ListenerConfig:
             max_age=defaults.max_age if self.max_age is None else self.max_age,
             max_future=defaults.max_future if self.max_future is None else self.max_future,
         )
+
+    def livenessPolicy(self, defaults: LivenessConfig) -> LivenessConfig:
+        """
+        This listener's liveness: its own idle_timeout where set.
+        """
+        if self.idle_timeout is None:
+            return defaults
+        return replace(defaults, idle_timeout=self.idle_timeout)
 
 
 @dataclass(frozen=True)

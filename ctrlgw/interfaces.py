@@ -70,10 +70,13 @@ class IOwnership(Interface):
 
     instance = Attribute("This gateway instance's id.")
 
-    def claim(controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:
+    def claim(
+        controller: str, token: str | None, listener: str, peer: str, mode: str | None = None
+    ) -> Deferred[Session]:
         """
         Admit a controller and open a new session for it with an epoch higher than any
-        before.  Fails with L{AuthFailed}, L{Unavailable}.
+        before.  C{mode} is the listener's C{auth} (C{none}, C{token}, C{registered});
+        C{None}: C{[auth] mode}.  Fails with L{AuthFailed}, L{Unavailable}.
         """
 
     def release(session: Session, reason: str) -> None:

@@ -39,7 +39,10 @@ class LocalOwnership:
         self.current: dict[str, Session] = {}
         self.released: list[tuple[Session, str]] = []
 
-    def claim(self, controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:
+    def claim(
+        self, controller: str, token: str | None, listener: str, peer: str,
+        mode: str | None = None,
+    ) -> Deferred[Session]:
         epoch = self._epochs.get(controller, 0) + 1
         self._epochs[controller] = epoch
         session = Session(controller, str(uuid.uuid4()), epoch, self.instance, listener, peer)
@@ -98,14 +101,14 @@ class _Flight:
 _Credentials = tuple[bytes, bool] | None
 
 
-def _refusal(token: str | None, credentials: _Credentials) -> str | None:
+def _refusal(token: str | None, credentials: _Credentials, mode: str) -> str | None:
     """
-    Why C{token} does not admit a controller with C{credentials} (token hash, enabled),
-    or C{None} if it does.
+    Why C{token} does not admit a controller with C{credentials} (token hash, enabled)
+    in auth C{mode} (C{token}, or C{registered}: no token asked), or C{None} if it does.
     """
     if credentials is None:
         return "unknown_controller"
-    if not tokenMatches(token, credentials[0]):
+    if mode == "token" and not tokenMatches(token, credentials[0]):
         return "bad_token"
     if not credentials[1]:
         return "disabled"
@@ -169,8 +172,11 @@ class PostgresOwnership:
             isolate=rejectsRow, onRejected=metrics.rowsRejected.labels("releases").inc,
         )
 
-    def claim(self, controller: str, token: str | None, listener: str, peer: str) -> Deferred[Session]:
-        return Deferred.fromCoroutine(self._claim(controller, token, listener, peer))
+    def claim(
+        self, controller: str, token: str | None, listener: str, peer: str,
+        mode: str | None = None,
+    ) -> Deferred[Session]:
+        return Deferred.fromCoroutine(self._claim(controller, token, listener, peer, mode))
 
     def claimInFlight(self, controller: str) -> bool:
         """
@@ -193,17 +199,21 @@ class PostgresOwnership:
             for flight in group:
                 flight.revoked = True
 
-    async def _claim(self, controller: str, token: str | None, listener: str, peer: str) -> Session:
+    async def _claim(
+        self, controller: str, token: str | None, listener: str, peer: str,
+        mode: str | None = None,
+    ) -> Session:
+        mode = mode or self.auth.mode
         if not self.admitting:
             raise Unavailable("the instance is not registered in the cluster yet")
         flight = _Flight()
         self._inFlight.setdefault(controller, []).append(flight)
         try:
-            if self.auth.mode == "token":
-                await self._authenticate(controller, token, peer)
+            if mode != "none":
+                await self._authenticate(controller, token, peer, mode)
             claim = cast(Claim, await self._claims.add((controller, listener, peer)))
             if not claim.refused:
-                await self._stillAdmitted(controller, token, peer, claim.epoch, flight)
+                await self._stillAdmitted(controller, token, peer, claim.epoch, flight, mode)
         finally:
             group = self._inFlight[controller]
             group.remove(flight)
@@ -228,43 +238,55 @@ class PostgresOwnership:
             )
         return Session(controller, claim.session, claim.epoch, self.instance, listener, peer)
 
-    async def _authenticate(self, controller: str, token: str | None, peer: str) -> None:
+    async def _authenticate(self, controller: str, token: str | None, peer: str, mode: str) -> None:
         host = peer.rsplit(":", 1)[0]
         reason: str | None
         if self.limiter.blocked(host) or self.idLimiter.blocked(controller):
             reason = "rate_limited"
         else:
-            # Counted as a failure until it has succeeded, so that many hellos in flight
-            # at once cannot all get past the limit.
-            self.limiter.record(host)
-            self.idLimiter.record(controller)
+            # A token is a secret to guess: counted as a failure until it has succeeded,
+            # so that many hellos in flight at once cannot all get past the limit.  In
+            # registered mode there is none, and a fleet of trackers behind one carrier
+            # NAT reconnects at once: only the ids that are refused count.
+            early = mode == "token"
+            if early:
+                self.limiter.record(host)
+                self.idLimiter.record(controller)
             try:
                 credentials = cast(_Credentials, await self._lookups.add(controller))
             except BaseException:
-                self.limiter.forgive(host)
-                self.idLimiter.forgive(controller)
+                if early:
+                    self.limiter.forgive(host)
+                    self.idLimiter.forgive(controller)
                 raise
-            reason = _refusal(token, credentials)
+            reason = _refusal(token, credentials, mode)
             if reason is None:
-                self.limiter.forgive(host)
-                self.idLimiter.forgive(controller)
+                if early:
+                    self.limiter.forgive(host)
+                    self.idLimiter.forgive(controller)
                 return
+            if not early:
+                self.limiter.record(host)
+                self.idLimiter.record(controller)
         self.events.record(controller, "auth_failed", reason, None, peer)
         raise AuthFailed(reason)
 
     async def _stillAdmitted(
-        self, controller: str, token: str | None, peer: str, epoch: int, flight: _Flight
+        self, controller: str, token: str | None, peer: str, epoch: int, flight: _Flight,
+        mode: str,
     ) -> None:
         """
         After the claim has committed: refuse the new session if the controller was
         revoked meanwhile.  In token mode its credentials are read again (under a share
         lock, so a revocation either is seen here or ends the committed session itself);
-        in any mode, a revocation notified while the claim was in flight counts.
+        in any mode, a revocation notified while the claim was in flight counts.  In
+        registered mode it is read again too (enabled, not the token).
         """
         reason: str | None = None
-        if self.auth.mode == "token":
+        if mode != "none":
             try:
-                reason = _refusal(token, cast(_Credentials, await self._rechecks.add(controller)))
+                credentials = cast(_Credentials, await self._rechecks.add(controller))
+                reason = _refusal(token, credentials, mode)
             except BaseException:
                 self.releaseRow(controller, epoch, "claim_failed")
                 raise

@@ -54,6 +54,7 @@ class SimOptions:
     rate: float = 0.0  # msg frames per second, over the whole fleet
     duration: float = 10.0
     framing: str = "lines"
+    dialect: str = "v1"  # or teltonika, gt06 (ctrlgw.simtrackers)
     maxFrame: int = 1024 * 1024
     token: str | None = None
     connectRate: float = 0.0  # new connections per second at start; 0: all at once
@@ -230,6 +231,10 @@ class Fleet:
 
     def controllers(self) -> list[str]:
         width = len(str(self.options.controllers - 1))
+        if self.options.dialect != "v1":
+            from ctrlgw.simtrackers import imeiFor
+
+            return [imeiFor(self.options.prefix, i) for i in range(self.options.controllers)]
         return [f"{self.options.prefix}{i:0{width}d}" for i in range(self.options.controllers)]
 
     # --- connecting ---
@@ -259,7 +264,11 @@ class Fleet:
         self._timers.pop(name, None)
         if self._stopping:
             return
-        protocol = SimController(self, name)
+        protocol: Any = SimController(self, name)
+        if self.options.dialect != "v1":
+            from ctrlgw.simtrackers import trackerFor
+
+            protocol = trackerFor(self, name)
         self._connections[name] = protocol
         endpoint = self.options.endpoints[self._endpoint[name]]
         d = self._connect(endpoint, protocol)
@@ -558,6 +567,9 @@ def addArguments(parser: Any) -> None:
                         help="msg frames per second over the whole fleet (0: none)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds to run (10)")
     parser.add_argument("--framing", default="lines", help="the listener's framing (lines)")
+    parser.add_argument("--dialect", default="v1", choices=("v1", "teltonika", "gt06"),
+                        help="the listener's dialect (v1); teltonika and gt06 simulate GPS"
+                        " trackers with 15-digit IMEIs as ids, one position per msg")
     parser.add_argument("--max-frame", type=int, default=1024 * 1024, dest="maxFrame")
     parser.add_argument("--token", default=None, help="token sent in every hello")
     parser.add_argument("--connect-rate", type=float, default=0.0, dest="connectRate",
@@ -599,6 +611,7 @@ def optionsFrom(args: Any) -> SimOptions:
     return SimOptions(
         endpoints=endpoints, controllers=args.controllers, prefix=args.prefix,
         rate=args.rate, duration=args.duration, framing=args.framing, maxFrame=args.maxFrame,
+        dialect=args.dialect,
         token=args.token, connectRate=args.connectRate, skew=args.skew,
         duplicates=args.duplicates, stormEvery=args.stormEvery, stormShare=args.stormShare,
         backoffMin=args.backoffMin, backoffMax=args.backoffMax, ack=args.ack,
@@ -615,7 +628,7 @@ def _workerArgv(args: Any, index: int) -> list[str]:
     argv = ["sim", *args.endpoints, "--worker", "--controllers", str(share),
             "--prefix", f"{args.prefix}{index}-", "--rate", str(args.rate / args.procs)]
     for flag, value in (
-        ("--duration", args.duration), ("--framing", args.framing),
+        ("--duration", args.duration), ("--framing", args.framing), ("--dialect", args.dialect),
         ("--max-frame", args.maxFrame), ("--connect-rate", args.connectRate / args.procs),
         ("--skew", args.skew), ("--duplicates", args.duplicates),
         ("--storm-every", args.stormEvery), ("--storm-share", args.stormShare),

@@ -8,8 +8,8 @@ its settlements), how liveness is kept and how a connection is told to go.  Owne
 fencing, takeover, the inbox and the outbox are the same for every dialect: a dialect's
 connection is a L{ctrlgw.protocol.session.SessionProtocol}.
 
-A listener chooses one with C{dialect = NAME} (default C{v1}).  The built-ins are C{v1}
-and C{ocpp1.6}; more can be installed as Twisted plugins providing L{IDialect}.  See
+A listener chooses one with C{dialect = NAME} (default C{v1}).  The built-ins are C{v1},
+C{ocpp1.6}, C{teltonika} and C{gt06}; more can be installed as Twisted plugins providing L{IDialect}.  See
 C{docs/dialects.md}.
 """
 
@@ -22,11 +22,12 @@ from twisted.internet.protocol import Protocol
 from twisted.plugin import IPlugin
 from zope.interface import Attribute, Interface, implementer
 
-from ctrlgw.config import Key, inRange, parseDuration, parseNames, parseText
+from ctrlgw.config import Key, inRange, parseBool, parseDuration, parseNames, parseText
 from ctrlgw.plugins import pluginNamed, pluginsByName
 
 if TYPE_CHECKING:
     from ctrlgw.config import ListenerConfig
+    from ctrlgw.dialects.telematics import TelematicsProtocol
     from ctrlgw.protocol.session import ConnectionContext
 
 
@@ -152,12 +153,56 @@ class Ocpp16Dialect:
         return RefusedUpgrade(detail)
 
 
+@implementer(IPlugin, IDialect)
+class TeltonikaDialect:
+    name = "teltonika"
+    description = "Teltonika trackers: Codec 8, 8 Extended and 12 over TCP (docs/dialects.md)"
+    framing = "teltonika"
+    keys: tuple[Key, ...] = ()
+
+    def check(self, options: Mapping[str, Any]) -> None:
+        pass
+
+    def buildProtocol(
+        self, context: ConnectionContext, listener: ListenerConfig,
+        applySocketOptions: Callable[[Any], object],
+    ) -> Protocol:
+        return self.protocolClass()(context, listener, applySocketOptions)
+
+    def protocolClass(self) -> type[TelematicsProtocol]:
+        from ctrlgw.dialects.teltonika import TeltonikaProtocol
+
+        return TeltonikaProtocol
+
+    def refuseConnection(
+        self, context: ConnectionContext, listener: ListenerConfig, detail: str
+    ) -> Protocol:
+        from ctrlgw.dialects.teltonika import RefusedTracker
+
+        return RefusedTracker()
+
+
+@implementer(IPlugin, IDialect)
+class Gt06Dialect(TeltonikaDialect):
+    name = "gt06"
+    description = "Concox GT06 trackers over TCP (docs/dialects.md)"
+    framing = "gt06"
+    keys: tuple[Key, ...] = (Key("check_crc", parseBool, "yes"),)
+
+    def protocolClass(self) -> type[TelematicsProtocol]:
+        from ctrlgw.dialects.gt06 import Gt06Protocol
+
+        return Gt06Protocol
+
+
 v1Dialect = V1Dialect()
 ocpp16Dialect = Ocpp16Dialect()
+teltonikaDialect = TeltonikaDialect()
+gt06Dialect = Gt06Dialect()
 
 
 def builtinDialects() -> tuple[IDialect, ...]:
-    return (v1Dialect, ocpp16Dialect)
+    return (v1Dialect, ocpp16Dialect, teltonikaDialect, gt06Dialect)
 
 
 def availableDialects() -> dict[str, IDialect]:

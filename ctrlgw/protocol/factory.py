@@ -16,7 +16,7 @@ from ctrlgw.config import ListenerConfig
 from ctrlgw.dialects import findDialect
 from ctrlgw.framing import IFraming
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.session import ConnectionContext
+from ctrlgw.protocol.session import ConnectionContext, SessionProtocol
 from ctrlgw.protocol.sockopts import applyToTransport
 
 # The reason label of ctrlgw_connections_refused_total for a full listener.
@@ -73,6 +73,7 @@ class ControllerFactory(ServerFactory):
         self._refused = context.metrics.connectionsRefused.labels(
             listener.name, REFUSED_MAX_CONNECTIONS
         )
+        self._liveness = listener.livenessPolicy(context.liveness)
 
     @classmethod
     def fromConfig(cls, context: ConnectionContext, listener: ListenerConfig) -> ControllerFactory:
@@ -92,4 +93,8 @@ class ControllerFactory(ServerFactory):
             )
         protocol = self.dialect.buildProtocol(self.context, listener, self.applySocketOptions)
         protocol.factory = self
+        if isinstance(protocol, SessionProtocol):
+            # The listener's own auth and idle_timeout, whatever the dialect.
+            protocol.liveness = self._liveness
+            protocol.authMode = listener.auth
         return protocol

@@ -187,6 +187,9 @@ class SessionProtocol(Protocol):
         self.context = context
         self.listener = listener
         self.timestamps = timestamps or context.timestamps
+        # The listener's liveness and auth mode (None: [auth] mode); its factory sets them.
+        self.liveness: LivenessConfig = context.liveness
+        self.authMode: str | None = None
         self.session: Session | None = None
         self.state = State.AWAITING_HELLO
         self.closeReason: str | None = None
@@ -255,7 +258,7 @@ class SessionProtocol(Protocol):
         _flowControl(transport).registerProducer(self, True)
         now = ctx.clock.seconds()
         self._lastHeard = now
-        self._arm(now + ctx.liveness.hello_timeout)
+        self._arm(now + self.liveness.hello_timeout)
 
     def framesReceived(self, frames: Sequence[bytes]) -> None:
         """
@@ -422,7 +425,8 @@ class SessionProtocol(Protocol):
             self.refuse(v1.UNAVAILABLE, "the gateway is shutting down")
             return
         self.state = State.CLAIMING
-        d = ctx.ownership.claim(controller, token, self.listener, self.peer)
+        mode = () if self.authMode is None else (self.authMode,)
+        d = ctx.ownership.claim(controller, token, self.listener, self.peer, *mode)
         d.addCallbacks(self._claimed, self._claimFailed)
 
     def _claimed(self, session: Session) -> None:
@@ -453,7 +457,7 @@ class SessionProtocol(Protocol):
         self.state = State.LIVE
         self.welcome(session)
         phase = min(1.0, max(0.5, ctx.firstPingPhase()))
-        self._nextPing = self._onPingGrid(ctx.clock.seconds() + ctx.liveness.ping_interval * phase)
+        self._nextPing = self._onPingGrid(ctx.clock.seconds() + self.liveness.ping_interval * phase)
         self._armLive()
         ctx.settler.sessionStarted(session)
 
@@ -495,7 +499,7 @@ class SessionProtocol(Protocol):
             if _PAUSED_BY_INBOX in self._pausedBy or _PAUSED_BY_SINK in self._pausedBy:
                 # Not reading by our own choice (its messages are not safe yet).
                 self._lastHeard = now
-            if now >= self._lastHeard + ctx.liveness.idle_timeout:
+            if now >= self._lastHeard + self.liveness.idle_timeout:
                 log.info(
                     "{controller} silent for {seconds:.1f}s: closing",
                     controller=self.session.controller if self.session else None,
@@ -507,7 +511,7 @@ class SessionProtocol(Protocol):
                 self.sendPing()
                 # From the slot it was due in, not from now: it stays on the grid.
                 self._nextPing = max(
-                    self._nextPing + ctx.liveness.ping_interval, self._onPingGrid(now)
+                    self._nextPing + self.liveness.ping_interval, self._onPingGrid(now)
                 )
             self._armLive()
 
@@ -517,7 +521,7 @@ class SessionProtocol(Protocol):
 
     def _armLive(self) -> None:
         # The next thing due on a live connection: a ping, or the idle deadline.
-        idleAt = self._lastHeard + self.context.liveness.idle_timeout
+        idleAt = self._lastHeard + self.liveness.idle_timeout
         self._arm(min(self._nextPing, idleAt))
 
     # --- commands ---
@@ -556,7 +560,7 @@ class SessionProtocol(Protocol):
         self.sayGoodbye(reason)
         # A registered producer would hold loseConnection open for ever.
         _flowControl(transport).unregisterProducer()
-        grace = self.context.liveness.close_grace
+        grace = self.liveness.close_grace
         if grace > 0:
             transport.loseConnection()
             self._abortCall = self.context.clock.callLater(grace, transport.abortConnection)
