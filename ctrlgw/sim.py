@@ -54,7 +54,7 @@ class SimOptions:
     rate: float = 0.0  # msg frames per second, over the whole fleet
     duration: float = 10.0
     framing: str = "lines"
-    dialect: str = "v1"  # or teltonika, gt06 (ctrlgw.simtrackers)
+    dialect: str = "v1"  # or teltonika, gt06 (ctrlgw.simtrackers), ocpp1.6 (ctrlgw.simocpp)
     maxFrame: int = 1024 * 1024
     token: str | None = None
     connectRate: float = 0.0  # new connections per second at start; 0: all at once
@@ -231,7 +231,7 @@ class Fleet:
 
     def controllers(self) -> list[str]:
         width = len(str(self.options.controllers - 1))
-        if self.options.dialect != "v1":
+        if self.options.dialect in ("teltonika", "gt06"):
             from ctrlgw.simtrackers import imeiFor
 
             return [imeiFor(self.options.prefix, i) for i in range(self.options.controllers)]
@@ -265,7 +265,11 @@ class Fleet:
         if self._stopping:
             return
         protocol: Any = SimController(self, name)
-        if self.options.dialect != "v1":
+        if self.options.dialect == "ocpp1.6":
+            from ctrlgw.simocpp import ChargePointSim
+
+            protocol = ChargePointSim(self, name)
+        elif self.options.dialect != "v1":
             from ctrlgw.simtrackers import trackerFor
 
             protocol = trackerFor(self, name)
@@ -567,8 +571,8 @@ def addArguments(parser: Any) -> None:
                         help="msg frames per second over the whole fleet (0: none)")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds to run (10)")
     parser.add_argument("--framing", default="lines", help="the listener's framing (lines)")
-    parser.add_argument("--dialect", default="v1", choices=("v1", "teltonika", "gt06"),
-                        help="the listener's dialect (v1); teltonika and gt06 simulate GPS"
+    parser.add_argument("--dialect", default="v1", choices=("v1", "teltonika", "gt06", "ocpp1.6"),
+                        help="the listener's dialect (v1); ocpp1.6 simulates charge points (MeterValues per msg); teltonika and gt06 simulate GPS"
                         " trackers with 15-digit IMEIs as ids, one position per msg")
     parser.add_argument("--max-frame", type=int, default=1024 * 1024, dest="maxFrame")
     parser.add_argument("--token", default=None, help="token sent in every hello")

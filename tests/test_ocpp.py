@@ -897,3 +897,43 @@ class ReplySqlTests(PostgresTestCase):
             " ('CP-9', 'r2', 4, '{}')", ())
         self.assertEqual([r.current for r in await other.claimReplies([("CP-9", 4)])], [False],
                          "not this instance's session")
+
+
+class ChargePointSimTests(PostgresTestCase):
+    timeout = 90
+
+    @deferred
+    async def test_fleet(self) -> None:
+        """
+        ctrlgw sim --dialect ocpp1.6: every charge point upgraded, every MeterValues acked
+        once stored and in the inbox once, a command answered with its result.
+        """
+        from ctrlgw.sim import SimOptions, Stats, runSim
+
+        gateway = await startGateway(self, self.dsn, self.schema, "gw-sim",
+                                     {"listener:main": {"dialect": "ocpp1.6"}})
+        options = SimOptions(endpoints=[("127.0.0.1", listenerPort(gateway))],
+                             controllers=20, rate=100.0, duration=2.0, dialect="ocpp1.6")
+        commandSent: list[str] = []
+
+        def tick(stats: Stats, elapsed: float) -> None:
+            if stats.welcomes == 20 and not commandSent:
+                commandSent.append("pending")
+                d = self.db.runQuery(
+                    "test", "SELECT send(%s, %s::jsonb)::text",
+                    ("sim-03", json.dumps({"action": "Reset", "payload": {"type": "Soft"}})))
+                d.addCallback(lambda rows: commandSent.__setitem__(0, rows[0][0]))
+
+        stats = await runSim(reactor, options, tick)
+        self.assertEqual(stats.welcomes, 20)
+        self.assertGreater(stats.msgs, 100)
+        self.assertEqual(stats.acks, stats.msgs)
+        self.assertEqual(stats.errors, 0, (stats.errorCodes, stats.counters()))
+        rows = await self.db.runQuery(
+            "test", "SELECT count(*), count(DISTINCT message_id) FROM inbox"
+            " WHERE body->>'action' = 'MeterValues'")
+        self.assertEqual(rows, [(stats.acks, stats.acks)])
+        self.assertEqual(stats.cmds, 1)
+        state = await self.db.runQuery(
+            "test", "SELECT state, result FROM commands WHERE id = %s", (commandSent[0],))
+        self.assertEqual(state, [("acked", {"status": "Accepted"})])
