@@ -776,3 +776,106 @@ class Store:
             " WHERE controller_id = %s ORDER BY at DESC, id DESC LIMIT %s",
             (controller, limit),
         )
+
+    # --- the application stream (migration 8, docs/consuming.md) ---
+
+    async def readStream(self, group: str, limit: int, lease: float) -> list[StreamEntry]:
+        """
+        C{read_stream}: the group's next entries, leased for C{lease} seconds.
+        """
+        rows = await self.db.runQuery(
+            "stream_read",
+            "SELECT entry_id, kind, controller_id, at, body"
+            " FROM read_stream(%s, %s, make_interval(secs => %s))",
+            (group, limit, lease),
+        )
+        return [StreamEntry(*row) for row in rows]
+
+    async def ackStream(self, group: str, entryIds: Sequence[str]) -> int:
+        """
+        C{ack_stream}: how many of C{entryIds} were still pending in the group.
+        """
+        rows = await self.db.runQuery(
+            "stream_ack", "SELECT ack_stream(%s, %s::text[])", (group, list(entryIds))
+        )
+        return int(rows[0][0])
+
+    async def replayStream(self, group: str, after: str, limit: int) -> list[StreamEntry]:
+        """
+        The retained entries after entry C{after} that the group has already taken and
+        acked, in stream order: what an SSE client that reconnects with C{Last-Event-ID}
+        may have missed.
+        """
+        rows = await self.db.runQuery(
+            "stream_replay", _REPLAY_STREAM, (after, after, group, limit)
+        )
+        return [StreamEntry(*row) for row in rows]
+
+    async def retainStream(self, keep: float, maxEntries: int, batch: int) -> int:
+        rows = await self.db.runQuery(
+            "stream_retain",
+            "SELECT stream_retain(make_interval(secs => %s), %s, %s)",
+            (keep, maxEntries, batch),
+        )
+        return int(rows[0][0])
+
+    async def streamGroups(self, limit: int) -> list[StreamGroup]:
+        rows = await self.db.runQuery(
+            "stream_groups",
+            "SELECT group_name, pending, leased, behind, dropped FROM stream_group_status(%s)",
+            (limit,),
+        )
+        return [StreamGroup(*row) for row in rows]
+
+    async def sendCommands(
+        self, controllers: Sequence[str], bodies: Sequence[object], ttl: float
+    ) -> list[str]:
+        """
+        C{send_many}: one command per controller, one statement; the ids in order.
+        """
+        rows = await self.db.runQuery(
+            "outbox_send_many",
+            "SELECT id::text FROM send_many(%s::text[], %s::jsonb[], make_interval(secs => %s))"
+            " AS id",
+            (list(controllers), [json.dumps(b) for b in bodies], ttl),
+        )
+        return [str(r[0]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEntry:
+    """
+    One row of C{read_stream}.
+    """
+
+    entryId: str
+    kind: str
+    controller: str
+    at: Any
+    body: Any
+
+
+@dataclass(frozen=True, slots=True)
+class StreamGroup:
+    name: str
+    pending: int
+    leased: int
+    behind: int
+    dropped: int
+
+
+_REPLAY_STREAM = """
+WITH after AS (
+    SELECT split_part(%s, '-', 1)::xid8 AS xid, split_part(%s, '-', 2)::bigint AS position
+)
+SELECT s.xid::text || '-' || s.position, s.kind, s.controller_id, s.at, s.body
+FROM stream s, after a, stream_groups g
+WHERE g.group_name = %s
+  AND (s.xid, s.position) > (a.xid, a.position)
+  AND (s.xid, s.position) <= (g.cursor_xid, g.cursor_position)
+  AND NOT EXISTS (SELECT 1 FROM stream_pending p
+                  WHERE p.group_name = g.group_name AND p.xid = s.xid
+                    AND p.position = s.position)
+ORDER BY s.xid, s.position
+LIMIT %s
+"""

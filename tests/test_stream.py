@@ -1,0 +1,276 @@
+"""
+The application stream against a real PostgreSQL: what goes in, the group guarantees
+(no skip under out-of-order commits, per-controller order, redelivery only after a lease),
+and retention with its cap.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg2 import DataError
+
+from ctrlgw.metrics import Metrics
+from ctrlgw.store.postgres import InboxRow, Store, StreamEntry
+from ctrlgw.stream import StreamRetention
+from tests.gateways import nowMs, sleep
+from tests.helpers import deferred
+from tests.pg import PostgresTestCase
+
+_INSERT = (
+    "INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch, body)"
+    " VALUES ('{c}', '{m}', now(), 'gw', 1, '{{\"n\": 1}}')"
+)
+
+
+def ids(entries: list[StreamEntry]) -> list[str]:
+    return [e.body["message_id"] for e in entries if e.kind == "message"]
+
+
+class StreamTestCase(PostgresTestCase):
+    timeout = 60
+
+    async def _setUp(self) -> None:
+        await super()._setUp()
+        self.store = Store(self.db, "gw-a")
+
+    async def transaction(self, *statements: str) -> Any:
+        """
+        A connection with an open transaction that has run C{statements}.
+        """
+        connection = await self.db.connect()
+        self.addCleanup(connection.close)
+        await connection.runOperation("BEGIN")
+        for statement in statements:
+            await connection.runOperation(statement)
+        return connection
+
+    async def message(self, controller: str, messageId: str) -> None:
+        await self.db.runOperation("m", _INSERT.format(c=controller, m=messageId))
+
+
+class ContentTests(StreamTestCase):
+    @deferred
+    async def test_messagesCommandsAndPresence(self) -> None:
+        """
+        A stored message, a command's final outcome (with its result) and the session's
+        presence changes are entries, each with the documented body.
+        """
+        store = self.store
+        claim = await store.claimSession("X", "main", "p")
+        await store.writeInbox([InboxRow("X", "m1", nowMs(), claim.epoch, {"t": 21.5})])
+        command = await store.sendCommand("X", {"op": "reboot"}, 60)
+        (sent,) = await store.claimCommands([("X", claim.epoch)], 1, 3, 10.0, 2.0)
+        await self.db.runOperation("r", "UPDATE commands SET result = '{\"ok\": 1}'")
+        await store.settleCommands([(command, "X", claim.epoch, True, "")])
+        other = Store(self.db, "gw-b")
+        await other.claimSession("X", "main", "q")  # a takeover
+        await other.releaseSessions([("X", claim.epoch + 1, "idle")])
+        entries = await store.readStream("app", 100, 30)
+        shapes = [(e.kind, e.controller, e.body.get("state")) for e in entries]
+        self.assertEqual(
+            shapes,
+            [
+                ("presence", "X", "online"),
+                ("message", "X", None),
+                ("command", "X", "acked"),
+                ("presence", "X", "taken_over"),
+                ("presence", "X", "online"),
+                ("presence", "X", "offline"),
+            ],
+        )
+        message = entries[1].body
+        self.assertEqual((message["message_id"], message["body"]), ("m1", {"t": 21.5}))
+        self.assertTrue(message["device_ts"].endswith("Z"))
+        self.assertEqual(
+            entries[2].body,
+            {"id": command, "state": "acked", "detail": "", "result": {"ok": 1}},
+        )
+        self.assertEqual(entries[5].body["reason"], "idle")
+        self.assertEqual(entries[3].body["reason"], "taken over by gw-b")
+
+    @deferred
+    async def test_oneNotificationPerFlush(self) -> None:
+        """
+        An inbox flush of many messages notifies the stream channel once.
+        """
+        listener = await self.db.connect()
+        self.addCleanup(listener.close)
+        heard: list[str] = []
+        listener.addNotifyObserver(lambda n: heard.append(n.channel))
+        await listener.runOperation(f'LISTEN "{self.schema}_stream"')
+        claim = await self.store.claimSession("X", "main", "p")
+        heard.clear()
+        await sleep(0.2)
+        heard.clear()
+        await self.store.writeInbox(
+            [InboxRow("X", f"m{n}", nowMs(), claim.epoch, n) for n in range(200)]
+        )
+        await listener.runOperation("SELECT 1")
+        await sleep(0.2)
+        self.assertEqual(heard, [f"{self.schema}_stream"])
+
+    @deferred
+    async def test_groupsAreIndependentAndStartAtTheOldest(self) -> None:
+        for n in range(5):
+            await self.message("X", f"m{n}")
+        first = await self.store.readStream("one", 3, 30)
+        await self.store.ackStream("one", [e.entryId for e in first])
+        second = await self.store.readStream("two", 100, 30)
+        self.assertEqual(ids(first), ["m0", "m1", "m2"])
+        self.assertEqual(ids(second), [f"m{n}" for n in range(5)])
+        self.assertEqual(ids(await self.store.readStream("one", 100, 30)), ["m3", "m4"])
+
+    @deferred
+    async def test_boundaryValidation(self) -> None:
+        for call in (
+            self.store.readStream("bad group", 10, 30),
+            self.store.readStream("g", 0, 30),
+            self.store.readStream("g", 10, 0),
+            self.store.ackStream("g", ["12"]),
+        ):
+            with self.assertRaises(DataError):
+                await call
+
+
+class NoSkipTests(StreamTestCase):
+    @deferred
+    async def test_outOfOrderCommitsAreNotSkipped(self) -> None:
+        """
+        Two transactions held open: the one that drew the lower position commits last.  A
+        cursor "position > last seen" would read the later one first and step over the
+        earlier; the group reads neither until both are done, then both in order.
+        """
+        early = await self.transaction(_INSERT.format(c="A", m="early"))
+        late = await self.transaction(_INSERT.format(c="B", m="late"))
+        await late.runOperation("COMMIT")
+        positions = await self.db.runQuery(
+            "p", "SELECT position, body->>'message_id' FROM stream ORDER BY position"
+        )
+        # The naive cursor: what it sees now, and where it would stand.
+        self.assertEqual([m for _, m in positions], ["late"])
+        naiveCursor = positions[-1][0]
+        self.assertEqual(await self.store.readStream("app", 100, 30), [])
+        await early.runOperation("COMMIT")
+        positions = await self.db.runQuery(
+            "p", "SELECT position, body->>'message_id' FROM stream ORDER BY position"
+        )
+        # The naive cursor never sees "early" again: its position is below the cursor.
+        self.assertEqual([m for p, m in positions if p > naiveCursor], [])
+        self.assertEqual(ids(await self.store.readStream("app", 100, 30)), ["early", "late"])
+
+    @deferred
+    async def test_anEarlierTransactionWithALaterPositionIsNotSkipped(self) -> None:
+        """
+        The other interleaving: the older transaction draws its position last.
+        """
+        older = await self.transaction("SELECT pg_current_xact_id()")
+        newer = await self.transaction(_INSERT.format(c="B", m="newer"))
+        await older.runOperation(_INSERT.format(c="A", m="older"))
+        await newer.runOperation("COMMIT")
+        self.assertEqual(await self.store.readStream("app", 100, 30), [])
+        await older.runOperation("COMMIT")
+        self.assertEqual(ids(await self.store.readStream("app", 100, 30)), ["older", "newer"])
+
+    @deferred
+    async def test_aRolledBackTransactionHoldsNothingBack(self) -> None:
+        gone = await self.transaction(_INSERT.format(c="A", m="gone"))
+        await self.message("B", "kept")
+        self.assertEqual(await self.store.readStream("app", 100, 30), [])
+        await gone.runOperation("ROLLBACK")
+        self.assertEqual(ids(await self.store.readStream("app", 100, 30)), ["kept"])
+
+
+class GroupTests(StreamTestCase):
+    @deferred
+    async def test_perControllerOrderUnderLeases(self) -> None:
+        """
+        While a controller's entry is leased and not acked, no later entry of that
+        controller goes to any consumer of the group; other controllers' entries do.
+        """
+        for controller, message in [("A", "a1"), ("A", "a2"), ("B", "b1"), ("A", "a3")]:
+            await self.message(controller, message)
+        first = await self.store.readStream("app", 1, 30)
+        self.assertEqual(ids(first), ["a1"])
+        second = await self.store.readStream("app", 100, 30)
+        self.assertEqual(ids(second), ["b1"])
+        self.assertEqual(await self.store.readStream("app", 100, 30), [])
+        self.assertEqual(await self.store.ackStream("app", [first[0].entryId]), 1)
+        third = await self.store.readStream("app", 100, 30)
+        self.assertEqual(ids(third), ["a2", "a3"])
+
+    @deferred
+    async def test_redeliveryOnlyAfterTheLease(self) -> None:
+        await self.message("A", "a1")
+        await self.message("A", "a2")
+        (first,) = await self.store.readStream("app", 1, 0.5)
+        self.assertEqual(await self.store.readStream("app", 100, 30), [])
+        await sleep(0.7)
+        again = await self.store.readStream("app", 100, 30)
+        # The lapsed entry first, then the next one of the same controller, in order.
+        self.assertEqual([e.entryId for e in again][:1], [first.entryId])
+        self.assertEqual(ids(again), ["a1", "a2"])
+        deliveries = await self.db.runQuery(
+            "d", "SELECT deliveries FROM stream_pending ORDER BY xid, position"
+        )
+        self.assertEqual([d for (d,) in deliveries], [2, 1])
+        self.assertEqual(await self.store.ackStream("app", [e.entryId for e in again]), 2)
+        self.assertEqual(await self.store.readStream("app", 100, 30), [])
+
+    @deferred
+    async def test_pendingIsBounded(self) -> None:
+        """
+        Past the pending cap a group takes nothing new until acks make room.
+        """
+        await self.db.runOperation(
+            "cap", "CREATE OR REPLACE FUNCTION stream_pending_cap() RETURNS integer"
+            " LANGUAGE sql IMMUTABLE AS 'SELECT 3'"
+        )
+        for n in range(5):
+            await self.message("A", f"a{n}")
+        (first,) = await self.store.readStream("app", 1, 30)
+        self.assertEqual(await self.store.readStream("app", 10, 30), [])
+        count = await self.db.runQuery("c", "SELECT count(*) FROM stream_pending")
+        self.assertEqual(count[0][0], 3)
+        await self.store.ackStream("app", [first.entryId])
+        self.assertEqual(ids(await self.store.readStream("app", 10, 30)), ["a1", "a2", "a3"])
+
+
+class RetentionTests(StreamTestCase):
+    @deferred
+    async def test_keepsWhatAGroupHasNotAcked(self) -> None:
+        for n in range(4):
+            await self.message("A", f"a{n}")
+        batch = await self.store.readStream("app", 2, 30)
+        await self.store.ackStream("app", [batch[0].entryId])
+        removed = await self.store.retainStream(0, 1000, 100)
+        self.assertEqual(removed, 1)
+        left = await self.db.runQuery("l", "SELECT body->>'message_id' FROM stream ORDER BY xid, position")
+        self.assertEqual([m for (m,) in left], ["a1", "a2", "a3"])
+
+    @deferred
+    async def test_theCapDropsAndReportsTheGroup(self) -> None:
+        for n in range(3):
+            await self.message("A", f"a{n}")
+        await self.store.readStream("slow", 1, 30)
+        for n in range(3, 10):
+            await self.message("A", f"a{n}")
+        metrics = Metrics()
+        retention = StreamRetention(self.store, metrics, keep=3600, maxEntries=4, batch=100)
+        self.assertEqual(retention.check(), (True, "not measured yet"))
+        await retention.run()
+        left = await self.db.runQuery("l", "SELECT count(*) FROM stream")
+        self.assertEqual(left[0][0], 4)
+        (group,) = retention.groups or []
+        self.assertEqual((group.name, group.dropped), ("slow", 6))
+        ok, detail = retention.check()
+        self.assertTrue(ok)
+        self.assertIn("group slow fell behind", detail)
+        self.assertIn("6 lost", detail)
+        self.assertEqual(
+            metrics.registry.get_sample_value(
+                "ctrlgw_stream_group_dropped_entries", {"group": "slow"}
+            ),
+            6,
+        )
+        self.assertEqual(ids(await self.store.readStream("slow", 100, 30)), [f"a{n}" for n in range(6, 10)])
