@@ -868,8 +868,8 @@ _REPLAY_STREAM = """
 WITH after AS (
     SELECT split_part(%s, '-', 1)::xid8 AS xid, split_part(%s, '-', 2)::bigint AS position
 )
-SELECT s.xid::text || '-' || s.position, s.kind, s.controller_id, s.at, s.body
-FROM stream s, after a, stream_groups g
+SELECT s.entry_id, s.kind, s.controller_id, s.at, s.body
+FROM stream_entries s, after a, stream_groups g
 WHERE g.group_name = %s
   AND (s.xid, s.position) > (a.xid, a.position)
   AND (s.xid, s.position) <= (g.cursor_xid, g.cursor_position)

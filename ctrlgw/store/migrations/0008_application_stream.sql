@@ -29,8 +29,12 @@ CREATE TABLE stream (
     kind          text NOT NULL CHECK (kind IN ('message', 'command', 'presence')),
     controller_id text NOT NULL,
     at            timestamptz NOT NULL DEFAULT clock_timestamp(),
-    body          jsonb NOT NULL,
-    PRIMARY KEY (xid, position)
+    -- A message entry names its inbox row instead of copying it (half the writes per
+    -- message); the other kinds carry their body.
+    inbox_id      bigint,
+    body          jsonb,
+    PRIMARY KEY (xid, position),
+    CHECK ((inbox_id IS NULL) <> (body IS NULL))
 );
 ALTER TABLE stream SET (autovacuum_vacuum_scale_factor = 0.02,
                         autovacuum_analyze_scale_factor = 0.02);
@@ -60,10 +64,8 @@ ALTER TABLE stream_pending SET (autovacuum_vacuum_scale_factor = 0.01, fillfacto
 CREATE FUNCTION stream_inbox() RETURNS trigger
 LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
-    INSERT INTO stream (kind, controller_id, at, body)
-    SELECT 'message', n.controller_id, n.received_at,
-           jsonb_build_object('message_id', n.message_id, 'device_ts', rfc3339(n.device_ts),
-                              'body', n.body)
+    INSERT INTO stream (kind, controller_id, at, inbox_id)
+    SELECT 'message', n.controller_id, n.received_at, n.id
     FROM new_rows n ORDER BY n.id;
     IF FOUND THEN
         PERFORM pg_notify(current_schema() || '_stream', '');
@@ -123,6 +125,18 @@ CREATE TRIGGER sessions_stream AFTER UPDATE ON sessions
     WHEN (NEW.epoch IS DISTINCT FROM OLD.epoch OR NEW.online IS DISTINCT FROM OLD.online)
     EXECUTE FUNCTION stream_presence();
 
+-- Entries as read_stream returns them: a message's body from its inbox row (so inbox
+-- retention, [retention] inbox_days, bounds message entries too: one whose row is gone
+-- reads as body null).
+CREATE VIEW stream_entries AS
+SELECT s.xid, s.position, s.xid::text || '-' || s.position AS entry_id, s.kind,
+       s.controller_id, s.at,
+       CASE WHEN s.inbox_id IS NULL THEN s.body
+            WHEN i.id IS NOT NULL THEN jsonb_build_object(
+                'message_id', i.message_id, 'device_ts', rfc3339(i.device_ts), 'body', i.body)
+       END AS body
+FROM stream s LEFT JOIN inbox i ON i.id = s.inbox_id;
+
 -- The most entries a group holds taken but not acked; past it, a read hands out what is
 -- pending and takes nothing new until acks make room.
 CREATE FUNCTION stream_pending_cap() RETURNS integer LANGUAGE sql IMMUTABLE AS 'SELECT 10000';
@@ -138,6 +152,12 @@ $$;
 
 -- The next entries for the group, leased for p_lease.  A group is created by its first read
 -- and starts at the oldest retained entry.
+--
+-- First the group's pending entries whose controller has no live lease (lapsed leases, and
+-- entries that waited for their controller), then new entries past the cursor, taken into
+-- pending in the same statement: leased at once unless their controller had a live lease
+-- before this call (then they wait).  A controller's entries handed out in one call go to
+-- one consumer, in order.
 CREATE FUNCTION read_stream(p_group text, p_max integer DEFAULT 100,
                             p_lease interval DEFAULT '30 seconds')
 RETURNS TABLE (entry_id text, kind text, controller_id text, at timestamptz, body jsonb)
@@ -145,9 +165,8 @@ LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 DECLARE
     horizon xid8;
     g stream_groups%ROWTYPE;
+    handed integer;
     room integer;
-    last_xid xid8;
-    last_position bigint;
 BEGIN
     PERFORM check_stream_group(p_group);
     IF p_max IS NULL OR p_max < 1 OR p_max > 10000 THEN
@@ -156,36 +175,27 @@ BEGIN
     IF p_lease IS NULL OR p_lease <= interval '0' THEN
         RAISE EXCEPTION 'p_lease must be positive' USING ERRCODE = '22023';
     END IF;
+    -- A read lost in a server crash only hands its entries out again (at-least-once):
+    -- no need to wait for the WAL flush.
+    PERFORM set_config('synchronous_commit', 'off', true);
     -- The horizon first, before this transaction holds an xid of its own: every
     -- transaction below it has ended, so the stream below it can no longer change.
     horizon := pg_snapshot_xmin(pg_current_snapshot());
 
-    INSERT INTO stream_groups (group_name) VALUES (p_group) ON CONFLICT DO NOTHING;
     -- One reader of a group at a time: the cursor and the leases move together.
     SELECT * INTO g FROM stream_groups s WHERE s.group_name = p_group FOR UPDATE;
+    IF NOT FOUND THEN
+        INSERT INTO stream_groups (group_name) VALUES (p_group) ON CONFLICT DO NOTHING;
+        SELECT * INTO g FROM stream_groups s WHERE s.group_name = p_group FOR UPDATE;
+    END IF;
 
     SELECT stream_pending_cap() - count(*) INTO room
     FROM stream_pending p WHERE p.group_name = p_group;
-    room := least(room, p_max);
-    IF room > 0 THEN
-        WITH pulled AS (
-            INSERT INTO stream_pending (group_name, xid, position, controller_id)
-            SELECT p_group, s.xid, s.position, s.controller_id FROM stream s
-            WHERE (s.xid, s.position) > (g.cursor_xid, g.cursor_position) AND s.xid < horizon
-            ORDER BY s.xid, s.position
-            LIMIT room
-            RETURNING stream_pending.xid, stream_pending.position
-        )
-        SELECT p.xid, p.position INTO last_xid, last_position
-        FROM pulled p ORDER BY p.xid DESC, p.position DESC LIMIT 1;
-        IF last_xid IS NOT NULL THEN
-            UPDATE stream_groups s SET cursor_xid = last_xid, cursor_position = last_position
-            WHERE s.group_name = p_group;
-        END IF;
-    END IF;
 
+    -- Pending entries of controllers with no live lease, oldest first.  (RETURN QUERY
+    -- appends; all of these come before the new entries below, in stream order.)
     RETURN QUERY
-    WITH busy AS (
+    WITH busy AS MATERIALIZED (
         SELECT DISTINCT p.controller_id FROM stream_pending p
         WHERE p.group_name = p_group AND p.leased_until > now()
     ), chosen AS (
@@ -201,9 +211,45 @@ BEGIN
         WHERE p.group_name = p_group AND p.xid = c.xid AND p.position = c.position
         RETURNING p.xid, p.position
     )
-    SELECT l.xid::text || '-' || l.position, s.kind, s.controller_id, s.at, s.body
-    FROM leased l JOIN stream s ON s.xid = l.xid AND s.position = l.position
+    SELECT e.entry_id, e.kind, e.controller_id, e.at, e.body
+    FROM leased l JOIN stream_entries e ON e.xid = l.xid AND e.position = l.position
     ORDER BY l.xid, l.position;
+    GET DIAGNOSTICS handed = ROW_COUNT;
+
+    room := least(room, p_max - handed);
+    IF room > 0 THEN
+        RETURN QUERY
+        WITH busy AS MATERIALIZED (
+            -- Including the controllers just handed out above: their newer entries wait
+            -- for the next call rather than skip ahead of a lapsed lease's order.
+            SELECT DISTINCT p.controller_id FROM stream_pending p
+            WHERE p.group_name = p_group AND p.leased_until > now()
+        ), fresh AS MATERIALIZED (
+            SELECT e.xid, e.position, e.entry_id, e.kind, e.controller_id, e.at, e.body
+            FROM stream_entries e
+            WHERE (e.xid, e.position) > (g.cursor_xid, g.cursor_position) AND e.xid < horizon
+            ORDER BY e.xid, e.position
+            LIMIT room
+        ), picked AS MATERIALIZED (
+            SELECT f.*, b.controller_id IS NOT NULL AS waits
+            FROM fresh f LEFT JOIN busy b ON b.controller_id = f.controller_id
+        ), taken AS (
+            INSERT INTO stream_pending (group_name, xid, position, controller_id,
+                                        leased_until, deliveries)
+            SELECT p_group, p.xid, p.position, p.controller_id,
+                   CASE WHEN p.waits THEN NULL ELSE now() + p_lease END,
+                   CASE WHEN p.waits THEN 0 ELSE 1 END
+            FROM picked p
+        ), moved AS (
+            UPDATE stream_groups s SET cursor_xid = last.xid, cursor_position = last.position
+            FROM (SELECT p.xid, p.position FROM picked p
+                  ORDER BY p.xid DESC, p.position DESC LIMIT 1) AS last
+            WHERE s.group_name = p_group
+        )
+        SELECT p.entry_id, p.kind, p.controller_id, p.at, p.body
+        FROM picked p WHERE NOT p.waits
+        ORDER BY p.xid, p.position;
+    END IF;
 END
 $$;
 
@@ -218,6 +264,8 @@ BEGIN
     THEN
         RAISE EXCEPTION 'not an entry id in the list' USING ERRCODE = '22023';
     END IF;
+    -- An ack lost in a server crash only means a redelivery: no WAL flush wait.
+    PERFORM set_config('synchronous_commit', 'off', true);
     DELETE FROM stream_pending p
     USING unnest(p_entry_ids) AS e(id)
     WHERE p.group_name = p_group
