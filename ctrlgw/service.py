@@ -50,11 +50,13 @@ from ctrlgw.protocol.connection import ConnectionContext
 from ctrlgw.protocol.factory import ControllerFactory
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.revocation import Revocations
+from ctrlgw.sse import StreamApi
 from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import EmbeddedPostgres
 from ctrlgw.store.listen import NotificationListener
 from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion
 from ctrlgw.store.postgres import ClaimPolicy, Store
+from ctrlgw.stream import StreamDoorbell, StreamReader, StreamRetention, streamChannel
 from ctrlgw.web import Readiness, makeRoot, makeSite
 
 log = Logger()
@@ -652,6 +654,16 @@ class Gateway:
             commandsChannel(self.db.schema), self.outbox.doorbell,
             lambda: self.outbox.wake(None, "poll"),
         )
+        # The application stream (docs/consuming.md): readers woken by its notification.
+        self.streamDoorbell = StreamDoorbell(reactor)
+        self.notifications.subscribe(
+            streamChannel(self.db.schema), self.streamDoorbell.ring, self.streamDoorbell.ring
+        )
+        self.streamReader = StreamReader(self.store, self.streamDoorbell, self.metrics)
+        self.streamRetention = StreamRetention(
+            self.store, self.metrics, config.stream.keep, config.stream.max_entries,
+            config.retention.prune_batch,
+        )
         self.instanceSkew: float | None = None
         self.db.onUpChanged(self._databaseUpChanged)
 
@@ -660,6 +672,7 @@ class Gateway:
             self.database, config.database.migrate, self.cluster, self.notifications
         )
         self.api = ApiResource(config.http.api_token, self.store, config.outbox.default_ttl)
+        StreamApi(self.store, self.streamReader, config.stream).install(self.api)
         self.http = ListenerService(
             reactor, config.http.endpoint,
             makeSite(makeRoot(self.metrics.registry, self.readiness, self.api)),
@@ -678,6 +691,7 @@ class Gateway:
         self.readiness.add("migrations", self.membership.migrationsCheck)
         self.readiness.add("cluster", self.membership.clusterCheck)
         self.readiness.add("clock", self._clockCheck)
+        self.readiness.add("stream", self.streamRetention.check)
         for listener, service in zip(config.listeners, self.listeners, strict=True):
             self.readiness.add(f"listener:{listener.name}", service.check)
         self.service = self._buildTree()
@@ -701,6 +715,10 @@ class Gateway:
                 "clock-check", reactor, config.timestamps.clock_check_interval, self._checkClock
             ),
             PeriodicService("retention", reactor, config.retention.prune_interval, self._prune),
+            PeriodicService(
+                "stream-retention", reactor, config.stream.retain_interval,
+                self.streamRetention.run,
+            ),
             PeriodicService(
                 "heartbeat", reactor, config.cluster.heartbeat_interval, self.membership.heartbeat
             ),

@@ -12,8 +12,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from ctrlgw.client import Entry
 from ctrlgw.metrics import Metrics
-from ctrlgw.store.postgres import StreamEntry, StreamGroup, Store
+from ctrlgw.store.postgres import Store, StreamGroup
 
 log = Logger()
 
@@ -84,7 +85,7 @@ class StreamReader:
         self.doorbell = doorbell
         self.metrics = metrics
 
-    async def read(self, group: str, limit: int, lease: float, wait: float) -> list[StreamEntry]:
+    async def read(self, group: str, limit: int, lease: float, wait: float) -> list[Entry]:
         # Armed before the read: a notification that arrives while it runs is not missed.
         rang = self.doorbell.wait(wait)
         try:

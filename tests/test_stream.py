@@ -10,8 +10,9 @@ from typing import Any
 
 from psycopg2 import DataError
 
+from ctrlgw.client import Entry
 from ctrlgw.metrics import Metrics
-from ctrlgw.store.postgres import InboxRow, Store, StreamEntry
+from ctrlgw.store.postgres import InboxRow, Store
 from ctrlgw.stream import StreamRetention
 from tests.gateways import nowMs, sleep
 from tests.helpers import deferred
@@ -23,7 +24,7 @@ _INSERT = (
 )
 
 
-def ids(entries: list[StreamEntry]) -> list[str]:
+def ids(entries: list[Entry]) -> list[str]:
     return [e.body["message_id"] for e in entries if e.kind == "message"]
 
 
@@ -67,7 +68,7 @@ class ContentTests(StreamTestCase):
         await other.claimSession("X", "main", "q")  # a takeover
         await other.releaseSessions([("X", claim.epoch + 1, "idle")])
         entries = await store.readStream("app", 100, 30)
-        shapes = [(e.kind, e.controller, e.body.get("state")) for e in entries]
+        shapes = [(e.kind, e.controller_id, e.body.get("state")) for e in entries]
         self.assertEqual(
             shapes,
             [
@@ -115,7 +116,7 @@ class ContentTests(StreamTestCase):
         for n in range(5):
             await self.message("X", f"m{n}")
         first = await self.store.readStream("one", 3, 30)
-        await self.store.ackStream("one", [e.entryId for e in first])
+        await self.store.ackStream("one", [e.entry_id for e in first])
         second = await self.store.readStream("two", 100, 30)
         self.assertEqual(ids(first), ["m0", "m1", "m2"])
         self.assertEqual(ids(second), [f"m{n}" for n in range(5)])
@@ -195,7 +196,7 @@ class GroupTests(StreamTestCase):
         second = await self.store.readStream("app", 100, 30)
         self.assertEqual(ids(second), ["b1"])
         self.assertEqual(await self.store.readStream("app", 100, 30), [])
-        self.assertEqual(await self.store.ackStream("app", [first[0].entryId]), 1)
+        self.assertEqual(await self.store.ackStream("app", [first[0].entry_id]), 1)
         third = await self.store.readStream("app", 100, 30)
         self.assertEqual(ids(third), ["a2", "a3"])
 
@@ -208,13 +209,13 @@ class GroupTests(StreamTestCase):
         await sleep(0.7)
         again = await self.store.readStream("app", 100, 30)
         # The lapsed entry first, then the next one of the same controller, in order.
-        self.assertEqual([e.entryId for e in again][:1], [first.entryId])
+        self.assertEqual([e.entry_id for e in again][:1], [first.entry_id])
         self.assertEqual(ids(again), ["a1", "a2"])
         deliveries = await self.db.runQuery(
             "d", "SELECT deliveries FROM stream_pending ORDER BY xid, position"
         )
         self.assertEqual([d for (d,) in deliveries], [2, 1])
-        self.assertEqual(await self.store.ackStream("app", [e.entryId for e in again]), 2)
+        self.assertEqual(await self.store.ackStream("app", [e.entry_id for e in again]), 2)
         self.assertEqual(await self.store.readStream("app", 100, 30), [])
 
     @deferred
@@ -232,11 +233,11 @@ class GroupTests(StreamTestCase):
         self.assertEqual(await self.store.readStream("app", 10, 30), [])
         count = await self.db.runQuery("c", "SELECT count(*) FROM stream_pending")
         self.assertEqual(count[0][0], 3)
-        await self.store.ackStream("app", [first.entryId])
+        await self.store.ackStream("app", [first.entry_id])
         # a1 and a2 from pending; a3, taken in the same call, waits behind them.
         second = await self.store.readStream("app", 10, 30)
         self.assertEqual(ids(second), ["a1", "a2"])
-        await self.store.ackStream("app", [e.entryId for e in second])
+        await self.store.ackStream("app", [e.entry_id for e in second])
         self.assertEqual(ids(await self.store.readStream("app", 10, 30)), ["a3"])
 
 
@@ -246,7 +247,7 @@ class RetentionTests(StreamTestCase):
         for n in range(4):
             await self.message("A", f"a{n}")
         batch = await self.store.readStream("app", 2, 30)
-        await self.store.ackStream("app", [batch[0].entryId])
+        await self.store.ackStream("app", [batch[0].entry_id])
         removed = await self.store.retainStream(0, 1000, 100)
         self.assertEqual(removed, 1)
         left = await self.db.runQuery("l", "SELECT body->>'message_id' FROM stream_entries ORDER BY xid, position")

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from psycopg2 import DataError, IntegrityError
 
+from ctrlgw.client import Entry
 from ctrlgw.interfaces import Fenced
 from ctrlgw.store.database import Database
 
@@ -779,7 +780,7 @@ class Store:
 
     # --- the application stream (migration 8, docs/consuming.md) ---
 
-    async def readStream(self, group: str, limit: int, lease: float) -> list[StreamEntry]:
+    async def readStream(self, group: str, limit: int, lease: float) -> list[Entry]:
         """
         C{read_stream}: the group's next entries, leased for C{lease} seconds.
         """
@@ -789,7 +790,7 @@ class Store:
             " FROM read_stream(%s, %s, make_interval(secs => %s))",
             (group, limit, lease),
         )
-        return [StreamEntry(*row) for row in rows]
+        return [Entry(*row) for row in rows]
 
     async def ackStream(self, group: str, entryIds: Sequence[str]) -> int:
         """
@@ -800,7 +801,7 @@ class Store:
         )
         return int(rows[0][0])
 
-    async def replayStream(self, group: str, after: str, limit: int) -> list[StreamEntry]:
+    async def replayStream(self, group: str, after: str, limit: int) -> list[Entry]:
         """
         The retained entries after entry C{after} that the group has already taken and
         acked, in stream order: what an SSE client that reconnects with C{Last-Event-ID}
@@ -809,7 +810,7 @@ class Store:
         rows = await self.db.runQuery(
             "stream_replay", _REPLAY_STREAM, (after, after, group, limit)
         )
-        return [StreamEntry(*row) for row in rows]
+        return [Entry(*row) for row in rows]
 
     async def retainStream(self, keep: float, maxEntries: int, batch: int) -> int:
         rows = await self.db.runQuery(
@@ -840,19 +841,6 @@ class Store:
             (list(controllers), [json.dumps(b) for b in bodies], ttl),
         )
         return [str(r[0]) for r in rows]
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEntry:
-    """
-    One row of C{read_stream}.
-    """
-
-    entryId: str
-    kind: str
-    controller: str
-    at: Any
-    body: Any
 
 
 @dataclass(frozen=True, slots=True)
