@@ -644,10 +644,11 @@ async def _tailGroup(ctx: Context) -> int:
         ctx.out.flush()
 
     consumer = TwistedConsumer(reactor, connection, ctx.schema, group, show, batch=500)
-    reactor.addSystemEventTrigger("before", "shutdown", consumer.stop)
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", consumer.stop)
     try:
         await consumer.run()
     finally:
+        reactor.removeSystemEventTrigger(trigger)
         connection.close()
     return EXIT_OK
 

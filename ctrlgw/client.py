@@ -147,6 +147,9 @@ class TwistedConsumer(_Loop):
                         await conn.runQuery(ack, (self.group, done))
         finally:
             self.running = False
+            self._waiting = None
+            if self._timer is not None and self._timer.active():
+                self._timer.cancel()
             conn.removeNotifyObserver(self._notified)
 
 

@@ -8,7 +8,7 @@ The stream itself (what goes in, and why a group never skips an entry) is SQL: m
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
@@ -88,6 +88,7 @@ class StreamReader:
     async def read(self, group: str, limit: int, lease: float, wait: float) -> list[Entry]:
         # Armed before the read: a notification that arrives while it runs is not missed.
         rang = self.doorbell.wait(wait)
+        rang.addErrback(lambda failure: failure.trap(CancelledError) and False)
         try:
             entries = await self.store.readStream(group, limit, lease)
             if not entries and wait > 0 and await rang:
