@@ -22,7 +22,15 @@ from twisted.web.http_headers import Headers
 
 from ctrlgw import cli
 from ctrlgw.stream import StreamDoorbell
-from tests.gateways import connectController, httpPort, listenerPort, nowMs, startGateway, waitUntil
+from tests.gateways import (
+    connectController,
+    httpPort,
+    listenerPort,
+    nowMs,
+    sleep,
+    startGateway,
+    waitUntil,
+)
 from tests.helpers import deferred
 from tests.pg import PostgresTestCase
 
@@ -189,6 +197,14 @@ class StreamApiTests(PostgresTestCase):
             await readBody(response)
             self.assertEqual(response.code, 400, bad)
 
+    async def waitForNoPending(self) -> None:
+        for _ in range(100):
+            pending = await self.db.runQuery("p", "SELECT count(*) FROM stream_pending")
+            if pending[0][0] == 0:
+                return
+            await sleep(0.05)
+        self.fail(f"still pending: {pending}")
+
     @deferred
     async def test_tailGroup(self) -> None:
         """
@@ -215,11 +231,10 @@ class StreamApiTests(PostgresTestCase):
         )
         await waitUntil(lambda: out.getvalue().count("\n") >= 2, 10, what="second line")
         lines = [json.loads(line) for line in out.getvalue().splitlines()]
+        await self.waitForNoPending()
         self.assertEqual([line["body"]["message_id"] for line in lines], ["m1", "m2"])
         self.assertEqual(lines[0]["kind"], "message")
         self.assertTrue(lines[0]["at"].endswith("Z"))
-        pending = await self.db.runQuery("p", "SELECT count(*) FROM stream_pending")
-        self.assertEqual(pending[0][0], 0)
         run.addErrback(lambda _: None)  # interrupted, as by ^C: ends the loop
         run.cancel()
         await run
