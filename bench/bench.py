@@ -700,11 +700,16 @@ async def scenarioStreamLatency(ctx: Context, gw: GatewayProcess) -> tuple[dict[
             latencies.append((time.time() - sent) * 1000)
 
     consumers, running, connections = await streamConsumers(ctx, group, 1, handle, sizes.streamBatch)
-    fleet = await connectFleet(ctx, gw, sizes.streamControllers, prefix, rate=sizes.streamRate)
-    await sleep(sizes.streamSeconds)
-    sent = fleet.stats.msgs
-    await stopFleet(ctx, fleet)
-    await waitFor(lambda: len(latencies) >= fleet.stats.acks, 60, "every stored msg handled")
+    # The fleet in processes of its own (as in the inbound scenario): this one only consumes.
+    out = await runProcess([
+        CTRLGW, "sim", f"127.0.0.1:{gw.port}", "-n", str(sizes.streamControllers), "--prefix", prefix,
+        "--rate", str(sizes.streamRate), "--duration", str(sizes.streamSeconds), "--procs", "2",
+    ])
+    summary = json.loads(out)
+    sent = summary["msgs"]
+    stored = (await ctx.query("SELECT count(*) FROM ctrlgw.inbox WHERE controller_id LIKE %s",
+                              (prefix + "%",)))[0][0]
+    await waitFor(lambda: len(latencies) >= stored, 60, f"{stored} stored msgs handled")
     await stopConsumers(consumers, running, connections)
     # The first second warms up (connections, plans): measured from the second second on.
     steady = latencies[int(sizes.streamRate):] or latencies

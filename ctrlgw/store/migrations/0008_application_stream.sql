@@ -204,6 +204,8 @@ BEGIN
           AND NOT EXISTS (SELECT 1 FROM busy b WHERE b.controller_id = p.controller_id)
         ORDER BY p.xid, p.position
         LIMIT p_max
+        -- Row locks in stream order, as ack_stream takes them: the two never deadlock.
+        FOR UPDATE OF p
     ), leased AS (
         UPDATE stream_pending p
         SET leased_until = now() + p_lease, deliveries = p.deliveries + 1
@@ -266,11 +268,18 @@ BEGIN
     END IF;
     -- An ack lost in a server crash only means a redelivery: no WAL flush wait.
     PERFORM set_config('synchronous_commit', 'off', true);
-    DELETE FROM stream_pending p
-    USING unnest(p_entry_ids) AS e(id)
-    WHERE p.group_name = p_group
-      AND p.xid = split_part(e.id, '-', 1)::xid8
-      AND p.position = split_part(e.id, '-', 2)::bigint;
+    WITH acked AS (
+        SELECT split_part(e.id, '-', 1)::xid8 AS xid, split_part(e.id, '-', 2)::bigint AS position
+        FROM unnest(p_entry_ids) AS e(id)
+    ), locked AS (
+        -- In stream order, as read_stream locks them.
+        SELECT p.xid, p.position FROM stream_pending p JOIN acked a USING (xid, position)
+        WHERE p.group_name = p_group
+        ORDER BY p.xid, p.position
+        FOR UPDATE OF p
+    )
+    DELETE FROM stream_pending p USING locked l
+    WHERE p.group_name = p_group AND p.xid = l.xid AND p.position = l.position;
     GET DIAGNOSTICS acked = ROW_COUNT;
     RETURN acked;
 END
