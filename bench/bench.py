@@ -713,8 +713,11 @@ async def scenarioStreamLatency(ctx: Context, gw: GatewayProcess) -> tuple[dict[
     await stopConsumers(consumers, running, connections)
     # The first second warms up (connections, plans): measured from the second second on.
     steady = latencies[int(sizes.streamRate):] or latencies
+    ack = summary.get("msg_ack_ms") or {}
+    # The same msgs' msg -> ack latency, as the controllers saw it: the inbox's share.
     return ({"rate": sizes.streamRate, "sent": sent, "handled": len(latencies),
-             **latencySummary(steady)}, {"msg_callback_ms": quantiles(steady)})
+             **latencySummary(steady), "ack_p50_ms": ack.get("p50"), "ack_p99_ms": ack.get("p99")},
+            {"msg_callback_ms": quantiles(steady)})
 
 
 async def scenarioStream(ctx: Context, main: GatewayProcess | None, repeatTimes: int) -> dict[str, Any]:

@@ -327,6 +327,8 @@ def render(result: dict[str, Any], docs: str) -> str:
             ["3 × 4: entries per consumer (last run)", ", ".join(map(str, grp["per_consumer"]))],
             ["one consumer: entries/s", fmt(rd["per_second"])],
             ["msg → callback p50 / p99 / max ms", f"{fmt(lat['p50_ms'])} / {fmt(lat['p99_ms'])} / {fmt(lat['max_ms'])}"],
+            ["same msgs, msg → ack p50 / p99 ms (the inbox's share)",
+             f"{fmt(lat.get('ack_p50_ms'))} / {fmt(lat.get('ack_p99_ms'))}"],
         ]))
         out.append(verdictLines(result, "stream"))
 

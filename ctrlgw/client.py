@@ -49,6 +49,12 @@ class Entry:
 Callback = Callable[[Entry], object]
 
 
+# A notification says entries were committed, but they become readable only once every
+# older transaction has ended too (the snapshot horizon), and no notification says when
+# that is.  So after a notification an empty read is tried again soon, a few times.
+SETTLE = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+
+
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
@@ -69,12 +75,28 @@ class _Loop:
         self.running = False
         self.handled = 0
         self.channel = f"{schema}_stream"
+        self._settle = len(SETTLE)
         s = _quote(schema)
         self.readSql = (
             f"SELECT entry_id, kind, controller_id, at, body FROM {s}.read_stream($1, $2,"
             f" make_interval(secs => $3))"
         )
         self.ackSql = f"SELECT {s}.ack_stream($1, $2::text[])"
+
+    def rang(self) -> None:
+        self._settle = 0
+
+    def pause(self, empty: bool) -> float:
+        """
+        How long to wait for a notification before reading again.
+        """
+        if not empty:
+            self._settle = len(SETTLE)
+            return 0.0
+        if self._settle < len(SETTLE):
+            self._settle += 1
+            return SETTLE[self._settle - 1]
+        return self.wait
 
 
 class TwistedConsumer(_Loop):
@@ -96,6 +118,7 @@ class TwistedConsumer(_Loop):
     def _notified(self, notify: Any) -> None:
         if notify.channel == self.channel:
             self._rang = True
+            self.rang()
             self._wake()
 
     def _wake(self) -> None:
@@ -127,10 +150,11 @@ class TwistedConsumer(_Loop):
             while self.running:
                 self._rang = False
                 rows = await conn.runQuery(read, (self.group, self.batch, self.lease))
+                pause = self.pause(not rows)
                 if not rows:
                     if not self._rang and self.running:
                         self._waiting = Deferred()
-                        self._timer = self.clock.callLater(self.wait, self._wake)
+                        self._timer = self.clock.callLater(pause, self._wake)
                         await self._waiting
                     continue
                 done: list[str] = []
@@ -166,6 +190,7 @@ class AsyncioConsumer(_Loop):
         self._event = asyncio.Event()
 
     def _notified(self, *_: object) -> None:
+        self.rang()
         self._event.set()
 
     def stop(self) -> None:
@@ -191,10 +216,11 @@ class AsyncioConsumer(_Loop):
                 rows: Sequence[Any] = await conn.fetch(
                     self.readSql, self.group, self.batch, self.lease
                 )
+                pause = self.pause(not rows)
                 if not rows:
                     if self.running:
                         try:
-                            await asyncio.wait_for(self._event.wait(), self.wait)
+                            await asyncio.wait_for(self._event.wait(), pause)
                         except TimeoutError:
                             pass
                     continue

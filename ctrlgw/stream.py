@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from ctrlgw.client import Entry
+from ctrlgw.client import SETTLE, Entry
 from ctrlgw.metrics import Metrics
 from ctrlgw.store.postgres import Store, StreamGroup
 
@@ -92,7 +93,13 @@ class StreamReader:
         try:
             entries = await self.store.readStream(group, limit, lease)
             if not entries and wait > 0 and await rang:
-                entries = await self.store.readStream(group, limit, lease)
+                # Readable once every older transaction has ended too: soon, usually.
+                for pause in (0.0, *SETTLE):
+                    if pause:
+                        await deferLater(self.doorbell.clock, pause, lambda: None)
+                    entries = await self.store.readStream(group, limit, lease)
+                    if entries:
+                        break
         finally:
             rang.cancel()
         self.metrics.streamRead.labels(group).inc(len(entries))
