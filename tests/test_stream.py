@@ -422,3 +422,38 @@ class CrashTests(StreamTestCase):
         self.assertGreater(len(twice), 0)
         self.assertLessEqual(len(twice), 20)
         self.assertEqual(len(second), len(set(second)))
+
+
+class ClientTests(StreamTestCase):
+    @deferred
+    async def test_aFailingCallbackAcksWhatWentBeforeAndStops(self) -> None:
+        """
+        The callback raising on the third entry: the two before it are acked, the loop
+        stops with the error, and the third (and what follows) comes again.
+        """
+        from twisted.internet import reactor
+
+        from ctrlgw.client import TwistedConsumer
+
+        for n in range(5):
+            await self.message("A", f"a{n}")
+        seen: list[str] = []
+
+        def handle(entry: Entry) -> None:
+            seen.append(entry.body["message_id"])
+            if entry.body["message_id"] == "a2":
+                raise ValueError("cannot store a2")
+
+        connection = await self.db.connect()
+        self.addCleanup(connection.close)
+        consumer = TwistedConsumer(reactor, connection, self.schema, "app", handle, lease=0.3)
+        with self.assertRaises(ValueError):
+            await consumer.run()
+        self.assertEqual(seen, ["a0", "a1", "a2"])
+        pending = await self.db.runQuery(
+            "p", "SELECT e.body->>'message_id' FROM stream_pending p"
+            " JOIN stream_entries e USING (xid, position) ORDER BY xid, position"
+        )
+        self.assertEqual([m for (m,) in pending], ["a2", "a3", "a4"])
+        await sleep(0.4)
+        self.assertEqual(ids(await self.store.readStream("app", 10, 30)), ["a2", "a3", "a4"])
