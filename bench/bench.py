@@ -15,6 +15,8 @@ Scenarios:
   idle      gateway RSS per idle connection and CPU with the fleet connected
   storm     the whole fleet connecting at once: welcomes per second
   takeover  a fleet moving from instance A to instance B: claim -> old socket aborted
+  stream    the application stream: 3 instances x 4 consumers of one group (nothing missed or
+            duplicated), one consumer's read rate in batches of 1,000, msg -> callback latency
 """
 
 from __future__ import annotations
@@ -80,19 +82,28 @@ class Sizes:
     storm: int = 15_000
     takeover: int = 1000
     takeoverRate: float = 200.0  # moves per second (hellos on B)
+    # The application stream (scenario stream).
+    streamControllers: int = 150  # over 3 instances
+    streamMessages: int = 15_000
+    streamBacklog: int = 200_000
+    streamBatch: int = 1000
+    streamRate: float = 5000.0
+    streamSeconds: float = 10.0
 
 
 SMOKE = Sizes(
     fleets=[10, 20], referenceFleet=10, commandRate=50.0, commandSeconds=1.0, backlog=200,
     backlogControllers=20, inboundControllers=20, inboundRate=500.0, inboundSeconds=1.5, inboundProcs=1,
     idle=20, idleWindow=1.0, storm=20, takeover=20, takeoverRate=100.0,
+    streamControllers=15, streamMessages=300, streamBacklog=2000, streamBatch=100,
+    streamRate=200.0, streamSeconds=1.5,
 )
 
 # Gateway settings every instance runs with (plus --set); ports and names are added per
 # instance.  ping_interval 15s is what the idle scenario asks for; max_buffered lets an
 # offer above capacity queue rather than be refused; flap_policy log, because the takeover
 # scenario moves every controller on purpose.
-SCENARIOS = ("commands", "backlog", "inbound", "idle", "storm", "takeover")
+SCENARIOS = ("commands", "backlog", "inbound", "idle", "storm", "takeover", "stream")
 
 BASE_SETTINGS: dict[str, dict[str, str]] = {
     "inbox": {"max_buffered": "200000"},
@@ -572,6 +583,163 @@ async def scenarioTakeover(ctx: Context, a: GatewayProcess, b: GatewayProcess) -
             {"seen_ms": quantiles(seen)})
 
 
+# --- the application stream (docs/consuming.md) ---
+
+
+async def streamConsumers(ctx: Context, group: str, count: int, handle: Callable[[Any], object],
+                          batch: int, lease: float = 300.0) -> tuple[list[Any], list[Deferred[None]], list[Any]]:
+    """
+    C{count} L{ctrlgw.client.TwistedConsumer}s of C{group}, each on a connection of its own.
+    """
+    from txpostgres import txpostgres
+
+    from ctrlgw.client import TwistedConsumer
+
+    connections, consumers = [], []
+    for _ in range(count):
+        connection = txpostgres.Connection(reactor=reactor)
+        await connection.connect(ctx.dsn)
+        connections.append(connection)
+        consumers.append(TwistedConsumer(reactor, connection, ctx.schema, group, handle,
+                                         batch=batch, lease=lease, wait=1.0))
+    return consumers, [c.run() for c in consumers], connections
+
+
+async def streamExecute(ctx: Context, sql: str) -> None:
+    await ctx.pool.runOperation(sql.replace("ctrlgw.", f"{ctx.schema}."))
+
+
+async def stopConsumers(consumers: list[Any], running: list[Deferred[None]], connections: list[Any]) -> None:
+    for consumer in consumers:
+        consumer.stop()
+    for d in running:
+        await d
+    for connection in connections:
+        connection.close()
+
+
+async def scenarioStreamGroup(ctx: Context, gateways: list[GatewayProcess]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    Controllers spread over 3 instances send; 4 consumers of one group read at the same
+    time (lease 5 min: no lease runs out).  Every stored message must be handled once.
+    """
+    sizes = ctx.sizes
+    group = f"g{uuid.uuid4().hex[:8]}"
+    prefix = ctx.prefix("sg")
+    handled: list[str] = []
+
+    def handle(entry: Any) -> None:
+        if entry.kind == "message" and entry.controller_id.startswith(prefix):
+            handled.append(entry.entry_id)
+
+    consumers, running, connections = await streamConsumers(ctx, group, 4, handle, 100)
+    per = sizes.streamControllers // len(gateways)
+    rate = sizes.streamMessages / sizes.streamSeconds
+    fleets = [await connectFleet(ctx, gw, per, f"{prefix}{i}-", rate=rate / len(gateways))
+              for i, gw in enumerate(gateways)]
+    await waitFor(lambda: sum(f.stats.acks for f in fleets) >= sizes.streamMessages,
+                  60 + sizes.streamSeconds * 3, f"{sizes.streamMessages} msgs acked")
+    for fleet in fleets:
+        await stopFleet(ctx, fleet)
+    stored = (await ctx.query("SELECT count(*) FROM ctrlgw.inbox WHERE controller_id LIKE %s",
+                              (prefix + "%",)))[0][0]
+    await waitFor(lambda: len(handled) >= stored, 60, f"{stored} entries handled")
+    await sleep(1.0)  # anything extra would show now
+    await stopConsumers(consumers, running, connections)
+    redelivered = (await ctx.query(
+        "SELECT count(*) FROM ctrlgw.stream_pending WHERE group_name = %s AND deliveries > 1", (group,)))[0][0]
+    return ({"instances": len(gateways), "consumers": 4, "stored": stored, "handled": len(handled),
+             "missed": stored - len(set(handled)), "duplicated": len(handled) - len(set(handled)),
+             "redelivered_by_lease": redelivered,
+             "per_consumer": [c.handled for c in consumers]}, {})
+
+
+async def scenarioStreamRead(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    A backlog of message entries; one consumer reads it in batches of streamBatch.
+    """
+    sizes = ctx.sizes
+    tag = uuid.uuid4().hex[:6]
+    # A new group starts at the oldest retained entry: it reads the whole stream.
+    group = f"r{tag}"
+    for start in range(0, sizes.streamBacklog, 50_000):
+        n = min(50_000, sizes.streamBacklog - start)
+        await streamExecute(
+            ctx, "INSERT INTO ctrlgw.inbox (controller_id, message_id, device_ts, instance_id, epoch, body)"
+            f" SELECT 'rd{tag}-' || (i % 1000), '{tag}-' || i, now(), 'bench', 0, '{{\"v\": 1}}'"
+            f" FROM generate_series({start}, {start + n - 1}) i")
+    await streamExecute(ctx, "VACUUM ANALYZE ctrlgw.stream")
+    total = (await ctx.query("SELECT count(*) FROM ctrlgw.stream"))[0][0]
+    count = [0]
+
+    def handle(entry: Any) -> None:
+        count[0] += 1
+
+    started = time.time()
+    consumers, running, connections = await streamConsumers(ctx, group, 1, handle, sizes.streamBatch)
+    await waitFor(lambda: count[0] >= total, 600, f"{total} entries read")
+    elapsed = time.time() - started
+    await stopConsumers(consumers, running, connections)
+    return ({"entries": count[0], "batch": sizes.streamBatch, "seconds": round(elapsed, 2),
+             "per_second": round(count[0] / elapsed, 1)}, {})
+
+
+async def scenarioStreamLatency(ctx: Context, gw: GatewayProcess) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    A fleet sending streamRate msgs/s through one instance; one consumer; the latency from
+    the controller's ts (device_ts) to the consumer's callback.
+    """
+    sizes = ctx.sizes
+    prefix = ctx.prefix("sl")
+    group = f"l{uuid.uuid4().hex[:8]}"
+    latencies: list[float] = []
+    # A group that starts at the end of the stream: created, then its cursor moved.
+    await ctx.query(f"SELECT ctrlgw.read_stream('{group}', 1)")
+    await streamExecute(ctx, f"DELETE FROM ctrlgw.stream_pending WHERE group_name = '{group}'")
+    await streamExecute(ctx, "UPDATE ctrlgw.stream_groups g SET cursor_xid = s.xid, cursor_position = s.position"
+                    " FROM (SELECT xid, position FROM ctrlgw.stream ORDER BY xid DESC, position DESC LIMIT 1) s"
+                    f" WHERE g.group_name = '{group}'")
+
+    def handle(entry: Any) -> None:
+        if entry.kind == "message" and entry.controller_id.startswith(prefix):
+            sent = datetime.datetime.fromisoformat(entry.body["device_ts"].replace("Z", "+00:00")).timestamp()
+            latencies.append((time.time() - sent) * 1000)
+
+    consumers, running, connections = await streamConsumers(ctx, group, 1, handle, sizes.streamBatch)
+    # The fleet in processes of its own (as in the inbound scenario): this one only consumes.
+    out = await runProcess([
+        CTRLGW, "sim", f"127.0.0.1:{gw.port}", "-n", str(sizes.streamControllers), "--prefix", prefix,
+        "--rate", str(sizes.streamRate), "--duration", str(sizes.streamSeconds), "--procs", "2",
+    ])
+    summary = json.loads(out)
+    sent = summary["msgs"]
+    stored = (await ctx.query("SELECT count(*) FROM ctrlgw.inbox WHERE controller_id LIKE %s",
+                              (prefix + "%",)))[0][0]
+    await waitFor(lambda: len(latencies) >= stored, 60, f"{stored} stored msgs handled")
+    await stopConsumers(consumers, running, connections)
+    # The first second warms up (connections, plans): measured from the second second on.
+    steady = latencies[int(sizes.streamRate):] or latencies
+    ack = summary.get("msg_ack_ms") or {}
+    # The same msgs' msg -> ack latency, as the controllers saw it: the inbox's share.
+    return ({"rate": sizes.streamRate, "sent": sent, "handled": len(latencies),
+             **latencySummary(steady), "ack_p50_ms": ack.get("p50"), "ack_p99_ms": ack.get("p99")},
+            {"msg_callback_ms": quantiles(steady)})
+
+
+async def scenarioStream(ctx: Context, main: GatewayProcess | None, repeatTimes: int) -> dict[str, Any]:
+    assert main is not None
+    others = [await ctx.gateway("s1"), await ctx.gateway("s2")]
+    try:
+        return {
+            "groups": await repeat("stream 3x4", repeatTimes, lambda: scenarioStreamGroup(ctx, [main, *others])),
+            "read": await repeat("stream read", repeatTimes, lambda: scenarioStreamRead(ctx)),
+            "latency": await repeat("stream latency", repeatTimes, lambda: scenarioStreamLatency(ctx, main)),
+        }
+    finally:
+        for gw in others:
+            await ctx.stopGateway(gw)
+
+
 def median(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """
     Per key, the median over the runs of the numeric figures (other values: the last run's).
@@ -650,6 +818,13 @@ def verdicts(scenarios: dict[str, Any], sizes: Sizes, only: list[str]) -> list[d
         lambda: m("takeover", "median", "gateway_p99_ms_bucket"), "ms", "≤ 10", lambda v: v <= 10)
     row("takeover", "B's welcome → A's socket closed p99 (controller view)",
         lambda: m("takeover", "median", "seen_p99_ms"), "ms", "≤ 10", lambda v: v <= 10)
+    row("stream", "3 instances, 4 consumers: entries missed + duplicated (no lease expiry)",
+        lambda: max(r["missed"] + r["duplicated"] for r in m("stream", "groups", "runs")), "entries",
+        "0", lambda v: v == 0)
+    row("stream", f"one consumer, batches of {sizes.streamBatch:,}", lambda: m("stream", "read", "median", "per_second"),
+        "entries/s", "≥ 30,000", lambda v: v >= 30_000)
+    row("stream", f"msg → consumer callback p99 at {sizes.streamRate:,.0f} msgs/s",
+        lambda: m("stream", "latency", "median", "p99_ms"), "ms", "≤ 20", lambda v: v <= 20)
     return rows
 
 
@@ -757,7 +932,7 @@ async def runScenarios(ctx: Context, args: argparse.Namespace, where: str) -> di
                     log(f"after {name}: {stuck}")
 
     main: GatewayProcess | None = None
-    if {"commands", "backlog", "inbound", "takeover"} & set(only):
+    if {"commands", "backlog", "inbound", "takeover", "stream"} & set(only):
         main = await ctx.gateway("a")
         log(f"gateway {main.name} ready (schema {ctx.schema})")
 
@@ -796,6 +971,7 @@ async def runScenarios(ctx: Context, args: argparse.Namespace, where: str) -> di
     await attempt("idle", lambda: repeat("idle", args.repeat, lambda: scenarioIdle(ctx)))
     await attempt("storm", lambda: repeat("storm", args.repeat, lambda: scenarioStorm(ctx)))
     await attempt("takeover", takeover)
+    await attempt("stream", lambda: scenarioStream(ctx, main, args.repeat))
     result["scenarios"] = scenarios
     result["verdicts"] = verdicts(scenarios, sizes, only)
     result["only"] = only

@@ -306,6 +306,34 @@ def render(result: dict[str, Any], docs: str) -> str:
 
     section("takeover", "6. Takeover", section_takeover)
 
+    # --- the application stream (docs/consuming.md) ---
+
+    def section_stream() -> None:
+        st = s["stream"]
+        grp, rd, lat = st["groups"]["median"], st["read"]["median"], st["latency"]["median"]
+        out.append(f"\n## 7. Application stream\n\nThree instances; {fmt(z['streamControllers'])} controllers "
+                   f"spread over them send {fmt(z['streamMessages'])} msgs while four `ctrlgw.client` "
+                   "consumers of one group read (lease 5 min, so no lease runs out): every stored message "
+                   "must be handled exactly once. Then one consumer reads a backlog of "
+                   f"{fmt(z['streamBacklog'])} message entries (and whatever the stream already held) in "
+                   f"batches of {fmt(z['streamBatch'])}. Then a fleet sends {fmt(z['streamRate'])} msgs/s "
+                   "through one instance for "
+                   f"{fmt(z['streamSeconds'])} s with one consumer: the latency from the msg's `ts` to the "
+                   "consumer's callback (the first second left out).\n\n")
+        out.append(table(["figure", "value"], [
+            ["3 × 4: stored / handled", f"{fmt(grp['stored'])} / {fmt(grp['handled'])}"],
+            ["3 × 4: missed, duplicated (worst run)",
+             f"{max(r['missed'] for r in st['groups']['runs'])}, {max(r['duplicated'] for r in st['groups']['runs'])}"],
+            ["3 × 4: entries per consumer (last run)", ", ".join(map(str, grp["per_consumer"]))],
+            ["one consumer: entries/s", fmt(rd["per_second"])],
+            ["msg → callback p50 / p99 / max ms", f"{fmt(lat['p50_ms'])} / {fmt(lat['p99_ms'])} / {fmt(lat['max_ms'])}"],
+            ["same msgs, msg → ack p50 / p99 ms (the inbox's share)",
+             f"{fmt(lat.get('ack_p50_ms'))} / {fmt(lat.get('ack_p99_ms'))}"],
+        ]))
+        out.append(verdictLines(result, "stream"))
+
+    section("stream", "7. Application stream", section_stream)
+
     out.append("\n## Plots\n\n")
     for name, caption in made:
         out.append(f"![{caption}](bench/{name})\n\n")

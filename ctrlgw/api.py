@@ -76,8 +76,13 @@ def presenceJson(controller: str, row: tuple[Any, ...] | None) -> dict[str, Any]
     return presence
 
 
+# A handler that answers (STREAMING, None) has started a response it finishes itself
+# (GET /v1/stream).
+STREAMING = 0
+
+
 def _finish(request: Request, status: int, body: object) -> None:
-    if request.finished or request._disconnected:
+    if status == STREAMING or request.finished or request._disconnected:
         return
     request.setResponseCode(status)
     request.setHeader(b"content-type", b"application/json")
@@ -103,6 +108,7 @@ class ApiResource(Resource):
             (b"GET", 2, self.getController),
             (b"GET", 2, self.getCommand),
             (b"POST", 3, self.sendCommand),
+            (b"POST", 1, self.sendCommands),
         ]
 
     def addRoute(self, method: bytes, depth: int, handler: RouteHandler) -> None:
@@ -190,18 +196,14 @@ class ApiResource(Resource):
             return None
         if not CONTROLLER_ID.fullmatch(controller):
             raise ApiError(400, "not a controller id")
-        # Twisted annotates Request.content by its class default, None; gotLength sets the
-        # body file (its documented type is BinaryIO) before the request is rendered.
-        content = cast(BinaryIO, request.content)
-        raw = content.read(MAX_REQUEST_BODY + 1)
-        if len(raw) > MAX_REQUEST_BODY:
-            raise ApiError(413, "request body too large")
-        try:
-            payload = json.loads(raw or b"null")
-        except ValueError:
-            raise ApiError(400, "the request body must be JSON: {\"body\": ..., \"ttl\": \"30s\"}") from None
+        payload = _jsonBody(request, "{\"body\": ..., \"ttl\": \"30s\"}")
         if not isinstance(payload, dict) or "body" not in payload:
             raise ApiError(400, "the request body must be a JSON object with a \"body\"")
+        seconds = self._ttl(payload)
+        command = await self.store.sendCommand(controller, payload["body"], seconds)
+        return 201, {"id": command, "controller": controller, "state": "pending"}
+
+    def _ttl(self, payload: dict[str, Any]) -> float:
         ttl = payload.get("ttl", self.defaultTtl)
         try:
             seconds = parseDuration(str(ttl))
@@ -209,5 +211,46 @@ class ApiResource(Resource):
             raise ApiError(400, f"ttl: {e}") from None
         if seconds <= 0:
             raise ApiError(400, "ttl must be positive")
-        command = await self.store.sendCommand(controller, payload["body"], seconds)
-        return 201, {"id": command, "controller": controller, "state": "pending"}
+        return seconds
+
+    # --- many commands in one request (docs/sending-commands.md) ---
+
+    async def sendCommands(self, request: Request, collection: str) -> tuple[int, object] | None:
+        """
+        C{POST /v1/commands}: C{{"commands": [{"controller": ..., "body": ...}, ...],
+        "ttl": ...}}, one statement (C{send_many}); the ids come back in the same order.
+        """
+        if collection != "commands":
+            return None
+        payload = _jsonBody(request, "{\"commands\": [{\"controller\": ..., \"body\": ...}]}")
+        commands = payload.get("commands") if isinstance(payload, dict) else None
+        if not isinstance(commands, list) or not 1 <= len(commands) <= MAX_BATCH:
+            raise ApiError(400, f"\"commands\" must be a list of 1 to {MAX_BATCH} commands")
+        for n, item in enumerate(commands):
+            if not isinstance(item, dict) or "body" not in item:
+                raise ApiError(400, f"commands[{n}] must be an object with a \"body\"")
+            controller = item.get("controller")
+            if not isinstance(controller, str) or not CONTROLLER_ID.fullmatch(controller):
+                raise ApiError(400, f"commands[{n}]: not a controller id")
+        seconds = self._ttl(payload)
+        ids = await self.store.sendCommands(
+            [c["controller"] for c in commands], [c["body"] for c in commands], seconds
+        )
+        return 201, {"ids": ids, "state": "pending"}
+
+
+# The most commands one POST /v1/commands may carry.
+MAX_BATCH = 10_000
+
+
+def _jsonBody(request: Request, shape: str) -> Any:
+    # Twisted annotates Request.content by its class default, None; gotLength sets the
+    # body file (its documented type is BinaryIO) before the request is rendered.
+    content = cast(BinaryIO, request.content)
+    raw = content.read(MAX_REQUEST_BODY + 1)
+    if len(raw) > MAX_REQUEST_BODY:
+        raise ApiError(413, "request body too large")
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        raise ApiError(400, f"the request body must be JSON: {shape}") from None

@@ -189,8 +189,12 @@ def makeParser() -> argparse.ArgumentParser:
     tail = commands.add_parser(
         "tail", parents=after, help="follow outcomes as they happen, until interrupted"
     )
-    tail.add_argument("--commands", action="store_true", required=True,
+    what = tail.add_mutually_exclusive_group(required=True)
+    what.add_argument("--commands", action="store_true",
                       help="command outcomes (acked, nacked, expired, failed)")
+    # The application stream (docs/consuming.md).
+    what.add_argument("--group", metavar="NAME", default=None,
+                      help="consume the application stream as group NAME: one JSON entry a line")
     tail.set_defaults(handler=_tail, needsSchema=True)
 
     talkParser = commands.add_parser(
@@ -667,6 +671,8 @@ async def _status(ctx: Context) -> int:
 
 
 async def _tail(ctx: Context) -> int:
+    if ctx.args.group is not None:
+        return await _tailGroup(ctx)
     reactor = ctx.db.reactor
     listening = await ctx.db.connect()
     done: Deferred[None] = Deferred()
@@ -684,6 +690,33 @@ async def _tail(ctx: Context) -> int:
         await done
     finally:
         listening.close()
+    return EXIT_OK
+
+
+async def _tailGroup(ctx: Context) -> int:
+    """
+    C{ctrlgw tail --group NAME}: a consumer of the group (entries printed are acked).
+    """
+    from ctrlgw.client import Entry, TwistedConsumer
+    from ctrlgw.sse import GROUP, entryJson
+
+    group = ctx.args.group
+    if not GROUP.fullmatch(group):
+        raise CommandFailed(f"not a group name: {group!r}: 1-128 of A-Z a-z 0-9 . _ : -", EXIT_USAGE)
+    reactor = ctx.db.reactor
+    connection = await ctx.db.connect()
+
+    def show(entry: Entry) -> None:
+        ctx.out.write(json.dumps(entryJson(entry), sort_keys=True) + "\n")
+        ctx.out.flush()
+
+    consumer = TwistedConsumer(reactor, connection, ctx.schema, group, show, batch=500)
+    trigger = reactor.addSystemEventTrigger("before", "shutdown", consumer.stop)
+    try:
+        await consumer.run()
+    finally:
+        reactor.removeSystemEventTrigger(trigger)
+        connection.close()
     return EXIT_OK
 
 

@@ -254,6 +254,14 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("prune_interval", inRange(parseDuration, 1, 86400), "1h"),
         Key("prune_batch", inRange(parseInt, 1, 1_000_000), "5000"),
     ),
+    # The application stream (docs/consuming.md).
+    "stream": (
+        Key("max_entries", inRange(parseInt, 1000, 1_000_000_000), "1000000"),
+        Key("keep", inRange(parseDuration, 0, 30 * 86400), "1h"),
+        Key("retain_interval", inRange(parseDuration, 0.1, 86400), "10s"),
+        Key("lease", inRange(parseDuration, 0.1, 3600), "30s"),
+        Key("heartbeat", inRange(parseDuration, 0.1, 3600), "15s"),
+    ),
 }
 
 _LISTENER_PREFIX = "listener:"
@@ -426,6 +434,15 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    max_entries: int
+    keep: float
+    retain_interval: float
+    lease: float
+    heartbeat: float
+
+
+@dataclass(frozen=True)
 class GatewayConfig:
     source: str
     instance_id: str
@@ -440,6 +457,7 @@ class GatewayConfig:
     cluster: ClusterConfig
     outbox: OutboxConfig
     retention: RetentionConfig
+    stream: StreamConfig
     # 0: CPython's own automatic collection.
     gc_full_interval: float = 600.0
 
@@ -583,6 +601,7 @@ def parseConfig(
         cluster=ClusterConfig(**sections["cluster"]),
         outbox=OutboxConfig(**sections["outbox"]),
         retention=RetentionConfig(**sections["retention"]),
+        stream=StreamConfig(**sections["stream"]),
     )
 
 

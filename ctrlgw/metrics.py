@@ -312,3 +312,33 @@ class Metrics:
             "Connections a drain closed with bye shutdown, for them to reconnect elsewhere.",
             registry=r,
         )
+        # The application stream (docs/consuming.md).
+        self.streamRead = Counter(
+            "ctrlgw_stream_entries_read_total",
+            "Stream entries handed out by this instance (SSE and ctrlgw tail), by group.",
+            ["group"],
+            registry=r,
+        )
+        self.streamBehind = Gauge(
+            "ctrlgw_stream_group_behind_entries",
+            "Entries a consumer group has not taken yet, counted up to [stream] max_entries.",
+            ["group"],
+            registry=r,
+        )
+        self.streamPending = Gauge(
+            "ctrlgw_stream_group_pending_entries",
+            "Entries a consumer group has taken and not acked (leased or waiting).",
+            ["group"],
+            registry=r,
+        )
+        self.streamDropped = Gauge(
+            "ctrlgw_stream_group_dropped_entries",
+            "Entries retention removed over [stream] max_entries before the group acked them"
+            " (since the group was created).",
+            ["group"],
+            registry=r,
+        )
+        self.streamRetained = Counter(
+            "ctrlgw_stream_retention_deleted_total", "Stream entries removed by retention.",
+            registry=r,
+        )

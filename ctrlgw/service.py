@@ -54,11 +54,13 @@ from ctrlgw.protocol.factory import ControllerFactory
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.replies import Replies, repliesChannel
 from ctrlgw.revocation import Revocations
+from ctrlgw.sse import StreamApi
 from ctrlgw.store.database import Database
 from ctrlgw.store.embedded import EmbeddedPostgres
 from ctrlgw.store.listen import NotificationListener
 from ctrlgw.store.migrate import applyMigrations, currentVersion, latestVersion
 from ctrlgw.store.postgres import ClaimPolicy, Store
+from ctrlgw.stream import StreamDoorbell, StreamReader, StreamRetention, streamChannel
 from ctrlgw.web import Readiness, makeRoot, makeSite
 
 log = Logger()
@@ -667,6 +669,16 @@ class Gateway:
                 lambda f: log.warn("polling replies failed: {error}", error=f.getErrorMessage())
             ),
         )
+        # The application stream (docs/consuming.md): readers woken by its notification.
+        self.streamDoorbell = StreamDoorbell(reactor)
+        self.notifications.subscribe(
+            streamChannel(self.db.schema), self.streamDoorbell.ring, self.streamDoorbell.ring
+        )
+        self.streamReader = StreamReader(self.store, self.streamDoorbell, self.metrics)
+        self.streamRetention = StreamRetention(
+            self.store, self.metrics, config.stream.keep, config.stream.max_entries,
+            config.retention.prune_batch,
+        )
         self.instanceSkew: float | None = None
         self.db.onUpChanged(self._databaseUpChanged)
 
@@ -675,6 +687,7 @@ class Gateway:
             self.database, config.database.migrate, self.cluster, self.notifications
         )
         self.api = ApiResource(config.http.api_token, self.store, config.outbox.default_ttl)
+        StreamApi(self.store, self.streamReader, config.stream).install(self.api)
         self.http = ListenerService(
             reactor, config.http.endpoint,
             makeSite(makeRoot(self.metrics.registry, self.readiness, self.api)),
@@ -693,6 +706,7 @@ class Gateway:
         self.readiness.add("migrations", self.membership.migrationsCheck)
         self.readiness.add("cluster", self.membership.clusterCheck)
         self.readiness.add("clock", self._clockCheck)
+        self.readiness.add("stream", self.streamRetention.check)
         for listener, service in zip(config.listeners, self.listeners, strict=True):
             self.readiness.add(f"listener:{listener.name}", service.check)
         # Kick and drain (ctrlgw/kick.py, ctrlgw/drain.py).
@@ -727,6 +741,10 @@ class Gateway:
                 "clock-check", reactor, config.timestamps.clock_check_interval, self._checkClock
             ),
             PeriodicService("retention", reactor, config.retention.prune_interval, self._prune),
+            PeriodicService(
+                "stream-retention", reactor, config.stream.retain_interval,
+                self.streamRetention.run,
+            ),
             PeriodicService(
                 "heartbeat", reactor, config.cluster.heartbeat_interval, self.membership.heartbeat
             ),

@@ -89,8 +89,17 @@ class BenchSmokeTests(TestCase):
         self.assertTrue(isNumber(takeover["gateway_p99_ms_bucket"]))
         self.assertTrue(isNumber(takeover["seen_p99_ms"]))
 
+        stream = s["stream"]
+        groups = stream["groups"]["median"]
+        self.assertGreater(groups["stored"], 0)
+        self.assertEqual((groups["missed"], groups["duplicated"]), (0, 0))
+        self.assertGreater(stream["read"]["median"]["per_second"], 0)
+        latency = stream["latency"]["median"]
+        self.assertEqual(latency["handled"], latency["sent"])
+        self.assertTrue(isNumber(latency["p99_ms"]))
+
         self.assertEqual({v["scenario"] for v in result["verdicts"]},
-                         {"commands", "backlog", "inbound", "idle", "storm", "takeover"})
+                         {"commands", "backlog", "inbound", "idle", "storm", "takeover", "stream"})
         for verdict in result["verdicts"]:
             self.assertTrue(isNumber(verdict["value"]), verdict)
             self.assertIsInstance(verdict["met"], bool)

@@ -34,6 +34,7 @@ from ctrlgw.outbox import commandsChannel, resultsChannel
 from ctrlgw.protocol import messages as v1
 from ctrlgw.replies import repliesChannel
 from ctrlgw.store.postgres import Store
+from ctrlgw.stream import StreamDoorbell, StreamReader, streamChannel
 from ctrlgw.web import MAX_REQUEST_BODY, Readiness, makeRoot, makeSite
 from tests.docs import ROOT, Table, codeSpans, document, documents, jsonDocuments, jsonValues
 from tests.helpers import iniText
@@ -45,7 +46,7 @@ DOC_SCHEMA = _SCHEMA_KEY.default
 CHANNELS = {
     f(DOC_SCHEMA)
     for f in (takeoverChannel, commandsChannel, resultsChannel, kickedChannel, drainChannel,
-              repliesChannel)
+              repliesChannel, streamChannel)
 }
 
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
@@ -496,6 +497,15 @@ class FakeStore:
         return ("gw-a", 6) if controller == CONTROLLER else None
 
 
+    async def sendCommands(self, controllers: list[str], bodies: list[object], ttl: float) -> list[str]:
+        self._check()
+        return [COMMAND] * len(controllers)
+
+    async def readStream(self, group: str, limit: int, lease: float) -> list[Any]:
+        # Ends an SSE response at once (its loop stops at the first error).
+        raise Unavailable("the fake store has no stream")
+
+
 class _NoListener:
     def subscribe(self, *args: Any) -> None:
         pass
@@ -546,6 +556,7 @@ def request(
     """
     api = ApiResource(apiToken, cast(Store, store or FakeStore()))
     kickRoute(api)
+    _withStream(api)
     site = makeSite(makeRoot(CollectorRegistry(), Readiness(), api))
     channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 40000))
     transport = StringTransport()
@@ -566,6 +577,24 @@ def request(
     channel.dataReceived(head.encode() + data)
     pending = channel._channel.requests
     return (pending[0] if pending else None), transport, channel
+
+
+def _withStream(api: ApiResource) -> ApiResource:
+    """
+    C{api} with C{GET /v1/stream}, as the gateway builds it.
+    """
+    from twisted.internet.task import Clock
+
+    from ctrlgw.config import StreamConfig
+    from ctrlgw.sse import StreamApi
+
+    reader = StreamReader(api.store, StreamDoorbell(Clock()), Metrics())
+    StreamApi(api.store, reader, StreamConfig(1000, 0, 1, 1, 1)).install(api)
+    return api
+
+
+# A request body every documented POST accepts.
+ANY_BODY = b'{"body": {"op": "blink"}, "commands": [{"controller": "dev-1", "body": 1}]}'
 
 
 def served(method: str, path: str, body: bytes = b"", **kwargs: Any) -> Response:
@@ -696,7 +725,7 @@ class HttpTests(SynchronousTestCase):
             match = _ENDPOINT.match(request)
             assert match is not None, request
             method, path = match.groups()
-            response = served(method, _concrete(path), b'{"body": {"op": "blink"}}')
+            response = served(method, _concrete(path), ANY_BODY)
             self.assertEqual(response.status, int(codeSpans(row[1])[0]), request)
 
     def test_bodyLimit(self) -> None:
@@ -740,7 +769,9 @@ class MentionedPathsTests(TestCase):
         Every path of the HTTP listener the docs mention (C{/readyz}, C{GET /v1/...}) is
         served, and every path the listener serves is mentioned.
         """
-        root = makeRoot(CollectorRegistry(), Readiness(), ApiResource(TOKEN, cast(Store, FakeStore())))
+        root = makeRoot(
+            CollectorRegistry(), Readiness(), _withStream(ApiResource(TOKEN, cast(Store, FakeStore())))
+        )
         top = {name.decode() for name in root.children}
         mentioned = set()
         for doc in documents():
@@ -751,7 +782,7 @@ class MentionedPathsTests(TestCase):
                 if method and method not in ("GET", "POST"):
                     continue
                 mentioned.add(path.split("/")[1])
-                response = await servedLater(method or "GET", _concrete(path), b'{"body": 1}')
+                response = await servedLater(method or "GET", _concrete(path), ANY_BODY)
                 # A bare prefix such as /v1 need only be answered by its own resource
                 # (JSON), not the root's "No Such Resource" page.
                 prefix = not method and path.count("/") == 1

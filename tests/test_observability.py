@@ -38,7 +38,7 @@ TARGET_LABELS = {"instance", "job", "le"}
 # The only label names the gateway may use: each takes a bounded set of values (a listener
 # name, a reason, a state, a call name...), never a controller id.
 BOUNDED_LABELS = {"listener", "reason", "scope", "type", "code", "state", "source", "result",
-                  "outcome", "generation",
+                  "outcome", "generation", "group",
                   "query", "writer", "table", "kind"}
 
 _SELECTOR = re.compile(r"\b(ctrlgw_[a-z0-9_]+)\s*(\{[^}]*\})?")

@@ -533,6 +533,8 @@ class ApiTests(SecurityTestCase):
             (b"GET", "/v1/nothing/here", None),
             (b"DELETE", "/v1/controllers/c1", None),
             (b"DELETE", "/v1/controllers/c1/connection", None),
+            (b"GET", "/v1/stream?group=app", None),
+            (b"POST", "/v1/commands", b'{"commands": [{"controller": "c1", "body": 1}]}'),
         ]
         covered = {(m, len([s for s in p.split("/")[2:] if s])) for m, p, _ in paths}
         routes = {(method, depth) for method, depth, _ in gateway.api.routes}

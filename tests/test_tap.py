@@ -74,7 +74,7 @@ class PluginTests(SynchronousTestCase):
         # The start order (stopping runs it backwards): the listeners last.
         self.assertEqual(names, [
             "database", "http", "membership", "writers", "clock-check", "retention",
-            "heartbeat", "reconcile", "outbox-poll", "connections", "listener:main",
+            "stream-retention", "heartbeat", "reconcile", "outbox-poll", "connections", "listener:main",
         ])
 
 

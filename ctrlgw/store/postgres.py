@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from psycopg2 import DataError, IntegrityError
 
+from ctrlgw.client import Entry
 from ctrlgw.interfaces import Fenced
 from ctrlgw.store.database import Database
 
@@ -910,3 +911,93 @@ class Store:
             "UPDATE instances SET drained_at = clock_timestamp() WHERE instance_id = %s",
             (self.instance,),
         )
+
+    # --- the application stream (migration 8, docs/consuming.md) ---
+
+    async def readStream(self, group: str, limit: int, lease: float) -> list[Entry]:
+        """
+        C{read_stream}: the group's next entries, leased for C{lease} seconds.
+        """
+        rows = await self.db.runQuery(
+            "stream_read",
+            "SELECT entry_id, kind, controller_id, at, body"
+            " FROM read_stream(%s, %s, make_interval(secs => %s))",
+            (group, limit, lease),
+        )
+        return [Entry(*row) for row in rows]
+
+    async def ackStream(self, group: str, entryIds: Sequence[str]) -> int:
+        """
+        C{ack_stream}: how many of C{entryIds} were still pending in the group.
+        """
+        rows = await self.db.runQuery(
+            "stream_ack", "SELECT ack_stream(%s, %s::text[])", (group, list(entryIds))
+        )
+        return int(rows[0][0])
+
+    async def replayStream(self, group: str, after: str, limit: int) -> list[Entry]:
+        """
+        The retained entries after entry C{after} that the group has already taken and
+        acked, in stream order: what an SSE client that reconnects with C{Last-Event-ID}
+        may have missed.
+        """
+        rows = await self.db.runQuery(
+            "stream_replay", _REPLAY_STREAM, (after, after, group, limit)
+        )
+        return [Entry(*row) for row in rows]
+
+    async def retainStream(self, keep: float, maxEntries: int, batch: int) -> int:
+        rows = await self.db.runQuery(
+            "stream_retain",
+            "SELECT stream_retain(make_interval(secs => %s), %s, %s)",
+            (keep, maxEntries, batch),
+        )
+        return int(rows[0][0])
+
+    async def streamGroups(self, limit: int) -> list[StreamGroup]:
+        rows = await self.db.runQuery(
+            "stream_groups",
+            "SELECT group_name, pending, leased, behind, dropped FROM stream_group_status(%s)",
+            (limit,),
+        )
+        return [StreamGroup(*row) for row in rows]
+
+    async def sendCommands(
+        self, controllers: Sequence[str], bodies: Sequence[object], ttl: float
+    ) -> list[str]:
+        """
+        C{send_many}: one command per controller, one statement; the ids in order.
+        """
+        rows = await self.db.runQuery(
+            "outbox_send_many",
+            "SELECT id::text FROM send_many(%s::text[], %s::jsonb[], make_interval(secs => %s))"
+            " AS id",
+            (list(controllers), [json.dumps(b) for b in bodies], ttl),
+        )
+        return [str(r[0]) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamGroup:
+    name: str
+    pending: int
+    leased: int
+    behind: int
+    dropped: int
+
+
+_REPLAY_STREAM = """
+WITH after AS (
+    SELECT split_part(%s, '-', 1)::xid8 AS xid, split_part(%s, '-', 2)::bigint AS position
+)
+SELECT s.entry_id, s.kind, s.controller_id, s.at, s.body
+FROM stream_entries s, after a, stream_groups g
+WHERE g.group_name = %s
+  AND (s.xid, s.position) > (a.xid, a.position)
+  AND (s.xid, s.position) <= (g.cursor_xid, g.cursor_position)
+  AND NOT EXISTS (SELECT 1 FROM stream_pending p
+                  WHERE p.group_name = g.group_name AND p.xid = s.xid
+                    AND p.position = s.position)
+ORDER BY s.xid, s.position
+LIMIT %s
+"""
