@@ -73,7 +73,7 @@ class PluginTests(SynchronousTestCase):
         names = [child.name for child in service]
         # The start order (stopping runs it backwards): the listeners last.
         self.assertEqual(names, [
-            "database", "http", "membership", "writers", "clock-check", "retention",
+            "gc", "database", "http", "membership", "writers", "clock-check", "retention",
             "stream-retention", "heartbeat", "reconcile", "outbox-poll", "connections", "listener:main",
         ])
 

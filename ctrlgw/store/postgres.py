@@ -324,7 +324,8 @@ WHERE c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
 _SETTLE_COMMANDS = """
 UPDATE commands c SET
     state = CASE WHEN s.ok THEN 'acked' ELSE 'nacked' END, finished_at = now(),
-    next_attempt_at = NULL, detail = s.reason, last_instance = %s, result = s.result::jsonb
+    next_attempt_at = NULL, detail = s.reason, last_instance = %s,
+    result = coalesce(s.result::jsonb, c.result)
 FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::boolean[], %s::text[], %s::text[])
     AS s(id, controller_id, epoch, ok, reason, result)
 WHERE c.id = s.id AND c.controller_id = s.controller_id AND c.state = 'sent'

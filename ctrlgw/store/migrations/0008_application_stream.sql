@@ -222,10 +222,11 @@ BEGIN
     IF room > 0 THEN
         RETURN QUERY
         WITH busy AS MATERIALIZED (
-            -- Including the controllers just handed out above: their newer entries wait
-            -- for the next call rather than skip ahead of a lapsed lease's order.
+            -- Every controller with an entry pending: leased (just now above, or before),
+            -- lapsed, or waiting for an earlier one.  Its newer entries wait behind those,
+            -- never skip ahead of them.
             SELECT DISTINCT p.controller_id FROM stream_pending p
-            WHERE p.group_name = p_group AND p.leased_until > now()
+            WHERE p.group_name = p_group
         ), fresh AS MATERIALIZED (
             SELECT e.xid, e.position, e.entry_id, e.kind, e.controller_id, e.at, e.body
             FROM stream_entries e
