@@ -1,0 +1,327 @@
+"""
+C{make mutate}: mutation testing of the ownership, inbox and outbox core with cosmic-ray.
+
+Each module in L{MODULES} is mutated against only the fast test modules that cover it
+(Clock and fakes, no PostgreSQL, no processes), with trial's C{--exitfirst} and a timeout
+per mutant.  The mutants of every module are run by C{--jobs} workers at once (default:
+one per core), each in its own copy of the tree under C{var/mutate/tree-N}.
+
+Incremental and cached: each module has a cosmic-ray session in C{var/mutate/<name>.sqlite}.
+A run does only what is pending; when the module's source changes its session starts
+afresh, and when only its tests change the killed mutants stay killed and the survivors
+are tried again.  C{--fresh} starts every session afresh.
+
+The report (score per module and every survivor) is written to
+C{docs/mutation/survivors.txt}.
+
+    nice -n 10 .venv/bin/python tests/mutate.py [--jobs N] [--fresh] [ctrlgw/outbox.py ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from queue import Queue
+
+from cosmic_ray.commands import init
+from cosmic_ray.mutating import mutate_and_test
+from cosmic_ray.work_db import WorkDB, use_db
+from cosmic_ray.work_item import MutationSpec, TestOutcome, WorkerOutcome, WorkItem, WorkResult
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE = ROOT / "var" / "mutate"
+REPORT = ROOT / "docs" / "mutation" / "survivors.txt"
+
+# Each mutated module, and the fast test modules that cover it.
+MODULES: dict[str, tuple[str, ...]] = {
+    "ctrlgw/ownership.py": ("tests.test_ownership_branches",),
+    "ctrlgw/cluster.py": ("tests.test_cluster_branches",),
+    "ctrlgw/inbox.py": ("tests.test_inbox_branches",),
+    "ctrlgw/outbox.py": ("tests.test_outbox_branches",),
+    "ctrlgw/protocol/connection.py": ("tests.test_connection", "tests.test_sockopts"),
+    "ctrlgw/registry.py": ("tests.test_registry",),
+    "ctrlgw/batching.py": ("tests.test_batching",),
+}
+
+# The operators applied.  cosmic-ray replaces every operator by every other; of those,
+# only the replacements a slip of the hand makes are kept (a bound off by one, a test
+# inverted, an exponent dropped), so that a survivor means a missing test, not noise.
+OPERATORS = re.compile(
+    r"core/(?:"
+    r"ReplaceBinaryOperator_(?:Add_Sub|Sub_Add|Mul_Div|Div_Mul|FloorDiv_Mul|Mod_FloorDiv|Pow_Mul)"
+    r"|ReplaceComparisonOperator_(?:Eq_NotEq|NotEq_Eq|Lt_LtE|LtE_Lt|Gt_GtE|GtE_Gt|Is_IsNot"
+    r"|IsNot_Is|In_NotIn|NotIn_In)"
+    r"|ReplaceUnaryOperator_(?:Delete_Not|USub_UAdd)"
+    r"|AddNot|ReplaceTrueWithFalse|ReplaceFalseWithTrue|ReplaceAndWithOr|ReplaceOrWithAnd"
+    r"|ReplaceBreakWithContinue|ReplaceContinueWithBreak|ExceptionReplacer|NumberReplacer"
+    r"|ZeroIterationForLoop"
+    r")$"
+)
+
+
+
+def _tuningSpans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """
+    Where a module's tuning constants are: parameter defaults, keyword arguments and
+    module-level assignments.  Their numbers are not mutated (a batch of 501 instead of
+    500 is no bug), their logic is.
+    """
+    spans = []
+    for node in ast.walk(ast.parse(source)):
+        values: list[ast.expr] = []
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            values = [*node.args.defaults, *(d for d in node.args.kw_defaults if d is not None)]
+        elif isinstance(node, ast.Call):
+            values = [k.value for k in node.keywords]
+        elif isinstance(node, ast.Module):
+            values = [s.value for s in node.body if isinstance(s, ast.Assign | ast.AnnAssign) and s.value]
+        spans += [((v.lineno, v.col_offset), (v.end_lineno or v.lineno, v.end_col_offset or 0)) for v in values]
+    return spans
+
+
+def applied(mutation: MutationSpec, tuning: list[tuple[tuple[int, int], tuple[int, int]]]) -> bool:
+    if not OPERATORS.match(mutation.operator_name):
+        return False
+    if mutation.operator_name == "core/NumberReplacer":
+        # cosmic-ray counts columns from 0 like ast, and lines from 1.
+        return not any(start <= tuple(mutation.start_pos) < end for start, end in tuning)
+    return True
+
+
+# What the tests of every module share; a change to any of these re-tries the survivors.
+SUPPORT = ("tests/__init__.py", "tests/helpers.py", "tests/mutate.py")
+
+
+def _digest(paths: Sequence[Path]) -> str:
+    h = hashlib.sha256()
+    for path in paths:
+        h.update(str(path.relative_to(ROOT)).encode())
+        h.update(path.read_bytes() if path.exists() else b"-")
+    return h.hexdigest()
+
+
+def _testPaths(tests: Sequence[str]) -> list[Path]:
+    return [ROOT / (name.replace(".", "/") + ".py") for name in tests] + [ROOT / s for s in SUPPORT]
+
+
+def _stem(module: str) -> str:
+    return module.removeprefix("ctrlgw/").removesuffix(".py").replace("/", "_")
+
+
+def testCommand(tests: Sequence[str], tree: Path | None = None) -> str:
+    trial = f"{shlex.quote(sys.executable)} -m twisted.trial --exitfirst --temp-directory=_trial_mutate"
+    command = f"{trial} {' '.join(tests)}"
+    if tree is None:
+        return command
+    # cosmic-ray starts the command without a working directory of its own: enter the tree.
+    return f"sh -c {shlex.quote(f'cd {shlex.quote(str(tree))} && exec {command}')}"
+
+
+def prepareSession(module: str, fresh: bool) -> Path:
+    """
+    The module's session, brought up to date with its source and its tests.
+    """
+    session = STATE / f"{_stem(module)}.sqlite"
+    stateFile = session.with_suffix(".json")
+    sourceHash = _digest([ROOT / module])
+    testsHash = _digest(_testPaths(MODULES[module]))
+    state = json.loads(stateFile.read_text()) if stateFile.exists() and not fresh else {}
+    if state.get("source") != sourceHash or not session.exists():
+        session.unlink(missing_ok=True)
+        with use_db(str(session)) as db:
+            init([Path(module)], db, {})
+            tuning = _tuningSpans((ROOT / module).read_text())
+            for item in db.pending_work_items:
+                if not all(applied(m, tuning) for m in item.mutations):
+                    db.set_result(item.job_id, WorkResult(WorkerOutcome.SKIPPED, "operator not applied"))
+        print(f"{module}: new session", flush=True)
+    elif state.get("tests") != testsHash:
+        # Killed mutants stay killed; survivors (and errors) are tried against the new tests.
+        with sqlite3.connect(session) as con:
+            con.execute(
+                "DELETE FROM work_results WHERE test_outcome = 'SURVIVED'"
+                " OR worker_outcome IN ('EXCEPTION', 'ABNORMAL')"
+            )
+        print(f"{module}: tests changed, survivors pending again", flush=True)
+    stateFile.write_text(json.dumps({"source": sourceHash, "tests": testsHash}))
+    return session
+
+
+def makeTrees(count: int) -> list[Path]:
+    trees = []
+    for index in range(count):
+        tree = STATE / f"tree-{index}"
+        shutil.rmtree(tree, ignore_errors=True)
+        for part in ("ctrlgw", "tests"):
+            shutil.copytree(ROOT / part, tree / part, ignore=shutil.ignore_patterns("__pycache__"))
+        trees.append(tree)
+    return trees
+
+
+def baseline(module: str, tree: Path) -> float:
+    """
+    Run the module's tests unmutated; their time, or exit if they fail.
+    """
+    started = time.monotonic()
+    done = subprocess.run(shlex.split(testCommand(MODULES[module], tree)), capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"{module}: the tests fail without any mutation:\n{done.stdout[-3000:]}")
+    return time.monotonic() - started
+
+
+def _inTree(item: WorkItem, tree: Path) -> list[MutationSpec]:
+    return [
+        MutationSpec(
+            module_path=tree / m.module_path, operator_name=m.operator_name,
+            operator_args=m.operator_args, occurrence=m.occurrence, start_pos=m.start_pos,
+            end_pos=m.end_pos, definition_name=m.definition_name,
+        )
+        for m in item.mutations
+    ]
+
+
+def run(modules: Sequence[str], jobs: int, fresh: bool) -> None:
+    STATE.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    sessions = {module: prepareSession(module, fresh) for module in modules}
+    pending: list[tuple[str, WorkItem]] = []
+    for module, session in sessions.items():
+        with use_db(str(session), WorkDB.Mode.open) as db:
+            pending.extend((module, item) for item in db.pending_work_items)
+    trees = makeTrees(jobs)
+    timeouts = {}
+    for module in sorted({module for module, _ in pending}):
+        took = baseline(module, trees[0])
+        timeouts[module] = max(20.0, 5 * took)
+        print(f"{module}: tests take {took:.1f}s unmutated", flush=True)
+    print(f"{len(pending)} mutants to run with {jobs} workers", flush=True)
+    free: Queue[Path] = Queue()
+    for tree in trees:
+        free.put(tree)
+
+    def work(module: str, item: WorkItem) -> WorkResult:
+        tree = free.get()
+        try:
+            return mutate_and_test(_inTree(item, tree), testCommand(MODULES[module], tree), timeouts[module])
+        finally:
+            free.put(tree)
+
+    dbs = {module: WorkDB(str(session), WorkDB.Mode.open) for module, session in sessions.items()}
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            futures: dict[Future[WorkResult], tuple[str, WorkItem]] = {
+                pool.submit(work, module, item): (module, item) for module, item in pending
+            }
+            done = 0
+            while futures:
+                finished, _ = wait(futures, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    module, item = futures.pop(future)
+                    result = future.result()
+                    # The diff names the tree's copy: name the module as in the checkout.
+                    diff = (result.diff or "").replace(str(trees[0].parent) + "/", "")
+                    diff = re.sub(r"tree-\d+/", "", diff)
+                    dbs[module].set_result(
+                        item.job_id,
+                        WorkResult(result.worker_outcome, result.output, result.test_outcome, diff),
+                    )
+                    done += 1
+                    if done % 25 == 0 or not futures:
+                        print(f"  {done}/{len(pending)} ({time.monotonic() - started:.0f}s)", flush=True)
+    finally:
+        for db in dbs.values():
+            db.close()
+    wall = time.monotonic() - started
+    (STATE / "last-run.json").write_text(json.dumps({"wall": wall, "mutants": len(pending)}))
+    report(list(MODULES), wall)
+
+
+def _mutatedLine(diff: str) -> str:
+    for line in diff.splitlines():
+        if line.startswith("+") and not line.startswith("+++"):
+            return line[1:].strip()
+    return ""
+
+
+def report(modules: Sequence[str], wall: float) -> None:
+    lines = [
+        "# Mutation testing: surviving mutants (written by `make mutate`; see docs/testing.md).",
+        "",
+        "# module                          killed / run   score   survived  (skipped operators)",
+    ]
+    survivors: list[str] = []
+    totalKilled = totalRun = 0
+    for module in modules:
+        session = STATE / f"{_stem(module)}.sqlite"
+        if not session.exists():
+            lines.append(f"{module:34} not run")
+            continue
+        killed = survived = skipped = errors = pending = 0
+        with use_db(str(session), WorkDB.Mode.open) as db:
+            pending = sum(1 for _ in db.pending_work_items)
+            for item, result in db.completed_work_items:
+                if result.worker_outcome == WorkerOutcome.SKIPPED:
+                    skipped += 1
+                elif result.worker_outcome == WorkerOutcome.NO_TEST:
+                    skipped += 1
+                elif result.worker_outcome != WorkerOutcome.NORMAL:
+                    errors += 1
+                elif result.test_outcome == TestOutcome.SURVIVED:
+                    survived += 1
+                    (m,) = item.mutations
+                    survivors.append(
+                        f"{module}:{m.start_pos[0]}: {m.operator_name.removeprefix('core/')}"
+                        f" #{m.occurrence}: {_mutatedLine(result.diff or '')}"
+                    )
+                else:
+                    killed += 1
+        ran = killed + survived
+        totalKilled += killed
+        totalRun += ran
+        score = f"{100 * killed / ran:5.1f}%" if ran else "  -  "
+        extra = f"  {errors} errors" if errors else ""
+        extra += f"  {pending} pending" if pending else ""
+        lines.append(f"{module:34} {killed:5} / {ran:<5}  {score}  {survived:5}  ({skipped}){extra}")
+    if totalRun:
+        lines.append(f"{'all':34} {totalKilled:5} / {totalRun:<5}  {100 * totalKilled / totalRun:5.1f}%")
+    lines.append(f"# last run: {wall:.0f}s wall for the mutants pending then, {os.cpu_count()} cores")
+    lines += ["", "# Survivors: module:line: operator #occurrence: the mutated line", *sorted(
+        survivors, key=lambda s: (s.split(":")[0], int(s.split(":")[1])))]
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    REPORT.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:len(modules) + 4]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[1] if __doc__ else None)
+    parser.add_argument("modules", nargs="*", help="modules to mutate (default: all of MODULES)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--fresh", action="store_true", help="start every session afresh")
+    parser.add_argument("--report", action="store_true", help="only write the report")
+    args = parser.parse_args()
+    unknown = set(args.modules) - set(MODULES)
+    if unknown:
+        parser.error(f"not in MODULES: {', '.join(sorted(unknown))}")
+    if args.report:
+        last = STATE / "last-run.json"
+        report(list(MODULES), json.loads(last.read_text())["wall"] if last.exists() else 0.0)
+        return
+    os.chdir(ROOT)
+    run(args.modules or list(MODULES), args.jobs, args.fresh)
+
+
+if __name__ == "__main__":
+    main()
