@@ -51,9 +51,11 @@ MODULES: dict[str, tuple[str, ...]] = {
     "ctrlgw/cluster.py": ("tests.test_cluster_branches",),
     "ctrlgw/inbox.py": ("tests.test_inbox_branches",),
     "ctrlgw/outbox.py": ("tests.test_outbox_branches",),
-    "ctrlgw/protocol/connection.py": ("tests.test_connection", "tests.test_sockopts"),
-    "ctrlgw/registry.py": ("tests.test_registry",),
-    "ctrlgw/batching.py": ("tests.test_batching",),
+    "ctrlgw/protocol/connection.py": (
+        "tests.test_connection", "tests.test_connection_branches", "tests.test_sockopts",
+    ),
+    "ctrlgw/registry.py": ("tests.test_registry", "tests.test_registry_branches"),
+    "ctrlgw/batching.py": ("tests.test_batching", "tests.test_batching_branches"),
 }
 
 # The operators applied.  cosmic-ray replaces every operator by every other; of those,
@@ -75,18 +77,22 @@ OPERATORS = re.compile(
 
 def _tuningSpans(source: str) -> list[tuple[tuple[int, int], tuple[int, int]]]:
     """
-    Where a module's tuning constants are: parameter defaults, keyword arguments and
-    module-level assignments.  Their numbers are not mutated (a batch of 501 instead of
-    500 is no bug), their logic is.
+    Where a module's tuning constants are: parameter defaults, keyword arguments, module
+    and class-level assignments (dataclass defaults), and the initial values of attributes
+    in C{__init__}.  Their numbers are not mutated (a batch of 501 instead of 500 is no
+    bug, and a counter's first value is mostly overwritten before it is read), their
+    logic is.
     """
     spans = []
     for node in ast.walk(ast.parse(source)):
         values: list[ast.expr] = []
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
             values = [*node.args.defaults, *(d for d in node.args.kw_defaults if d is not None)]
+            if node.name == "__init__":
+                values += [s.value for s in node.body if isinstance(s, ast.Assign | ast.AnnAssign) and s.value]
         elif isinstance(node, ast.Call):
             values = [k.value for k in node.keywords]
-        elif isinstance(node, ast.Module):
+        elif isinstance(node, ast.Module | ast.ClassDef):
             values = [s.value for s in node.body if isinstance(s, ast.Assign | ast.AnnAssign) and s.value]
         spans += [((v.lineno, v.col_offset), (v.end_lineno or v.lineno, v.end_col_offset or 0)) for v in values]
     return spans
@@ -102,7 +108,7 @@ def applied(mutation: MutationSpec, tuning: list[tuple[tuple[int, int], tuple[in
 
 
 # What the tests of every module share; a change to any of these re-tries the survivors.
-SUPPORT = ("tests/__init__.py", "tests/helpers.py", "tests/mutate.py")
+SUPPORT = ("tests/__init__.py", "tests/helpers.py")
 
 
 def _digest(paths: Sequence[Path]) -> str:
@@ -143,10 +149,6 @@ def prepareSession(module: str, fresh: bool) -> Path:
         session.unlink(missing_ok=True)
         with use_db(str(session)) as db:
             init([Path(module)], db, {})
-            tuning = _tuningSpans((ROOT / module).read_text())
-            for item in db.pending_work_items:
-                if not all(applied(m, tuning) for m in item.mutations):
-                    db.set_result(item.job_id, WorkResult(WorkerOutcome.SKIPPED, "operator not applied"))
         print(f"{module}: new session", flush=True)
     elif state.get("tests") != testsHash:
         # Killed mutants stay killed; survivors (and errors) are tried against the new tests.
@@ -156,8 +158,30 @@ def prepareSession(module: str, fresh: bool) -> Path:
                 " OR worker_outcome IN ('EXCEPTION', 'ABNORMAL')"
             )
         print(f"{module}: tests changed, survivors pending again", flush=True)
+    select(module, session)
     stateFile.write_text(json.dumps({"source": sourceHash, "tests": testsHash}))
     return session
+
+
+def select(module: str, session: Path) -> None:
+    """
+    Skip the mutants L{applied} leaves out, and make pending again those it now takes in.
+    """
+    tuning = _tuningSpans((ROOT / module).read_text())
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        done = {item.job_id: result for item, result in db.completed_work_items}
+        for item in db.work_items:
+            wanted = all(applied(m, tuning) for m in item.mutations)
+            result = done.get(item.job_id)
+            skipped = result is not None and result.worker_outcome == WorkerOutcome.SKIPPED
+            if not wanted and not skipped:
+                db.set_result(item.job_id, WorkResult(WorkerOutcome.SKIPPED, SKIPPED))
+            elif wanted and skipped:
+                with sqlite3.connect(session) as con:
+                    con.execute("DELETE FROM work_results WHERE job_id = ?", (item.job_id,))
+
+
+SKIPPED = "operator not applied"
 
 
 def makeTrees(count: int) -> list[Path]:
