@@ -157,3 +157,25 @@ class RetryTests(SynchronousTestCase):
         clock.advance(10)
         self.assertEqual(len(answers), 1)
         self.assertEqual(len(writer), 0)
+
+    def test_noRetryFailsAndGoesOn(self) -> None:
+        """
+        A writer that does not retry fails the batch's items with the flush's error and
+        goes on with the next batch.
+        """
+        clock = Clock()
+        answers: list[Deferred[Sequence[object]]] = []
+
+        def flush(items: Sequence[str]) -> Deferred[Sequence[object]]:
+            d: Deferred[Sequence[object]] = Deferred()
+            answers.append(d)
+            return d
+
+        writer = BatchWriter(clock, flush, batchSize=1, interval=1.0, maxBuffered=10, retry=False)
+        first, second = writer.add("a"), writer.add("b")
+        answers[0].errback(Failure(RuntimeError("refused")))
+        self.failureResultOf(first, RuntimeError)
+        self.assertEqual(len(answers), 2)
+        answers[1].callback(["ok"])
+        self.assertEqual(self.successResultOf(second), "ok")
+        self.assertEqual(len(writer), 0)

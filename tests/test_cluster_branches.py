@@ -274,6 +274,29 @@ class ClusterBranchTests(SynchronousTestCase):
         self.reconcile()
         self.assertEqual(self.ownership.released, [])
 
+    def test_everyRowJudged(self) -> None:
+        """
+        A row that says nothing does not stop the round: the rows after it are judged.
+        """
+        a, b = self.live("a"), self.live("b")
+        self.ownership.inFlight.add("fresh")
+        self.store.rows = [
+            SessionRow("x", 1, "gw-there", True),  # not ours, no connection
+            SessionRow("fresh", 1, INSTANCE, True),  # claim in flight
+            self.row(b, epoch=self.epoch(b) - 1),  # older than what is bound
+            self.row(b),  # bound, current
+            self.row(a, epoch=self.epoch(a) + 1),  # newer: drop a, release the row
+            SessionRow("gone", 4, INSTANCE, True),  # ours, unbound: release
+        ]
+        self.assertEqual(self.reconcile(), (1, 2))
+        self.assertEqual(self.ownership.released,
+                         [("a", self.epoch(a) + 1, "reconciled"), ("gone", 4, "reconciled")])
+
+    def test_heardJustNow(self) -> None:
+        a = self.live("a")
+        self.reconcile()
+        self.assertEqual(self.store.reported, [[("a", self.epoch(a), 0.0)]])
+
     def test_largeRoundInChunks(self) -> None:
         """
         A round of more than 1,000 rows is judged in chunks, the reactor running between

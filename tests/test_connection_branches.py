@@ -65,12 +65,12 @@ class ConnectionBranchTests(SynchronousTestCase):
         self.setUpContext()
 
     def setUpContext(self, start: float = EPOCH_SECONDS, helloTimeout: str = "5s", room: int | None = None,
-                     maxFrame: int = 1024, **changes: Any) -> None:
+                     maxFrame: int = 1024, closeGrace: str = "2s", **changes: Any) -> None:
         self.clock = makeClock(start)
         self.config = makeConfig(
             listener={"max_frame": str(maxFrame)},
             liveness={"hello_timeout": helloTimeout, "ping_interval": f"{PING_INTERVAL:g}s",
-                      "idle_timeout": "25s", "close_grace": "2s"},
+                      "idle_timeout": "25s", "close_grace": closeGrace},
             timestamps={"max_age": f"{MAX_AGE:g}s", "max_future": f"{MAX_FUTURE:g}s"},
         )
         self.sink = MemorySink(room=room)
@@ -121,6 +121,15 @@ class ConnectionBranchTests(SynchronousTestCase):
         self.assertEqual(self.value("ctrlgw_frames_dropped_total"), 3)
         self.assertEqual(fake.protocol.pendingBytes, 0)
 
+    def test_droppedAfterSomeHandled(self) -> None:
+        self.setUpContext(room=2)
+        fake = self.live()
+        fake.sendRaw(b"".join(self.msg(fake, n) for n in range(6)))
+        self.sink.succeed("m0")  # m2 handled from the waiting frames: m3, m4, m5 wait
+        self.assertEqual(self.sink.messageIds, ["m0", "m1", "m2"])
+        fake.protocol.close("shutdown")
+        self.assertEqual(self.value("ctrlgw_frames_dropped_total"), 3)
+
     def test_waitingFramesInOrder(self) -> None:
         self.setUpContext(room=2)
         fake = self.live()
@@ -153,6 +162,53 @@ class ConnectionBranchTests(SynchronousTestCase):
         fake = self.connect()
         self.assertIs(fake.transport.producer, fake.protocol)
         self.assertTrue(fake.transport.streaming)
+
+    def test_noCloseGrace(self) -> None:
+        """
+        With close_grace 0 the socket is aborted at once; with a grace, only if the bye
+        has not drained by then.
+        """
+        self.setUpContext(closeGrace="0s")
+        fake = self.live()
+        fake.protocol.close("shutdown")
+        self.assertEqual(fake.transport.aborts, 1)
+        self.setUpContext(closeGrace="500ms")
+        fake = self.live()
+        fake.protocol.close("shutdown")
+        self.assertEqual(fake.transport.aborts, 0)
+        self.assertTrue(fake.transport.disconnecting)
+        self.clock.advance(0.5)
+        self.assertEqual(fake.transport.aborts, 1)
+
+    def test_resumeKeepsOtherPauses(self) -> None:
+        """
+        The transport resumes reading only once nothing holds it paused: not when the
+        writes drain while the inbox is still full, and never once closed.
+        """
+        self.setUpContext(room=1)
+        fake = self.live()
+        fake.sendRaw(b"".join(self.msg(fake, n) for n in range(2)))  # the inbox is full
+        self.assertEqual(fake.transport.producerState, "paused")
+        fake.protocol.pauseProducing()
+        fake.protocol.resumeProducing()
+        self.assertEqual(fake.transport.producerState, "paused")
+        fake.protocol.close("shutdown")
+        self.sink.succeed("m0")
+        self.assertEqual(fake.transport.producerState, "paused")
+
+    def test_resumeAfterCloseStartsNothing(self) -> None:
+        """
+        A closed connection whose writes drain asks for no commands.
+        """
+        fake = self.live()
+        started = len(self.context.settler.started)  # type: ignore[attr-defined]
+        fake.protocol.pauseProducing()
+        fake.protocol.resumeProducing()
+        self.assertEqual(len(self.context.settler.started), started + 1)  # type: ignore[attr-defined]
+        fake.protocol.pauseProducing()
+        fake.protocol.close("shutdown")
+        fake.protocol.resumeProducing()
+        self.assertEqual(len(self.context.settler.started), started + 1)  # type: ignore[attr-defined]
 
     def test_closedGarbageCountsOne(self) -> None:
         """

@@ -46,6 +46,7 @@ class FakeStore:
         self.toClaim: list[Claim] = []
         self.claimGate: Deferred[None] | None = None
         self.lookupError: Exception | None = None
+        self.claimError: Exception | None = None
         self.recheckError: Exception | None = None
         self.released: list[tuple[str, int, str]] = []
         self.events: list[Event] = []
@@ -64,6 +65,8 @@ class FakeStore:
 
     async def claimSessions(self, hellos: Sequence[tuple[str, str, str]]) -> list[Claim]:
         self.claimed.append(list(hellos))
+        if self.claimError is not None:
+            raise self.claimError
         if self.claimGate is not None:
             await self.claimGate
         claims = []
@@ -209,6 +212,29 @@ class OwnershipBranchTests(OwnershipFixture):
         self.assertFalse(self.ownership.claimInFlight("a"))
 
     # --- the claim ---
+
+    def test_claimFailureNotRetried(self) -> None:
+        """
+        A claim statement that fails refuses its hellos; it is never run again behind
+        their back.
+        """
+        self.store.claimError = RuntimeError("database gone")
+        d = self.claim()
+        self.clock.advance(5)
+        self.failureResultOf(d, RuntimeError)
+        self.assertEqual(len(self.store.claimed), 1)
+        self.assertFalse(self.ownership.claimInFlight("a"))
+
+    def test_hostWithoutPort(self) -> None:
+        """
+        Failures count per host, whatever the port; an IPv6 host is its whole address.
+        """
+        for port in range(MAX_FAILURES):
+            self.refused(self.claim(token="wrong", peer=f"192.0.2.7:{4000 + port}"))
+        self.assertEqual(self.refused(self.claim(peer="192.0.2.7:5000")), "rate_limited")
+        for port in range(MAX_FAILURES):
+            self.refused(self.claim(token="wrong", peer=f"2001:db8::1:{4000 + port}"))
+        self.successResultOf(self.claim(peer="2001:db8::2:4000"))
 
     def test_takeoverRecorded(self) -> None:
         self.store.toClaim = [Claim("sess-2", 7, "gw-there", 6, True)]
