@@ -120,6 +120,7 @@ M5 = "ctrlgw/store/migrations/0005_outbox_order_and_names.sql"
 M6 = "ctrlgw/store/migrations/0006_revocation.sql"
 OUTBOX = "tests.test_sql_guards.OutboxGuardTests"
 SESSIONS = "tests.test_sql_guards.ClaimSessionGuardTests"
+INBOX = "tests.test_sql_guards.InboxGuardTests"
 DOORBELLS = "tests.test_sql_guards.DoorbellTests"
 SQL_MUTANTS: list[tuple[str, str, list[tuple[str, str]], str]] = [
     # _CLAIM_COMMANDS
@@ -173,6 +174,12 @@ SQL_MUTANTS: list[tuple[str, str, list[tuple[str, str]], str]] = [
         ("secs => %(ackTimeout)s * power(%(backoff)s::float8, c.attempts))", "secs => %(ackTimeout)s)"),
     ], OUTBOX),
     ("claim: written in FIFO order", PG, [("FROM claimed ORDER BY seq", "FROM claimed ORDER BY seq DESC")], OUTBOX),
+    # _WRITE_INBOX
+    ("inbox: fenced by the session's epoch", PG, [
+        ("JOIN sessions s ON s.controller_id = b.controller_id AND s.epoch = b.epoch",
+         "JOIN sessions s ON s.controller_id = b.controller_id"),
+    ], INBOX),
+    ("inbox: stored in arrival order", PG, [("    ORDER BY arrival\n", "    ORDER BY arrival DESC\n")], INBOX),
     # _SETTLE_COMMANDS
     ("settle: CASE arm acked", PG, [("CASE WHEN s.ok THEN 'acked' ELSE", "CASE WHEN s.ok THEN 'nacked' ELSE")], OUTBOX),
     ("settle: CASE arm nacked", PG, [("ELSE 'nacked' END, finished_at", "ELSE 'acked' END, finished_at")], OUTBOX),
@@ -513,8 +520,10 @@ def run(modules: Sequence[str], jobs: int, fresh: bool, sql: bool = True) -> Non
         for db in dbs.values():
             db.close()
     wall = time.monotonic() - started
-    (STATE / "last-run.json").write_text(json.dumps({"wall": wall, "mutants": len(pending)}))
-    report(list(MODULES), wall)
+    last = STATE / "last-run.json"
+    if pending or sqlPending or not last.exists():
+        last.write_text(json.dumps({"wall": wall, "mutants": len(pending) + len(sqlPending)}))
+    report(list(MODULES), json.loads(last.read_text())["wall"])
 
 
 def _mutatedLine(diff: str) -> str:
@@ -574,7 +583,7 @@ def report(modules: Sequence[str], wall: float) -> None:
                  f"  {outcomes.count('survived'):5}"
                  + (f"  {outcomes.count('stale')} stale" if "stale" in outcomes else "")
                  + (f"  {outcomes.count('pending')} pending" if "pending" in outcomes else ""))
-    lines.append(f"# last run: {wall:.0f}s wall for the mutants pending then, {os.cpu_count()} cores")
+    lines.append(f"# the last run that had mutants to run took {wall:.0f}s wall on {os.cpu_count()} cores")
     lines += ["", "# Survivors: module:line: operator #occurrence: the mutated line", *sorted(
         survivors, key=lambda s: (s.split(":")[0], int(s.split(":")[1])))]
     lines += ["", "# SQL survivors (and stale SQL mutants): name: file", *(

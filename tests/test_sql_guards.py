@@ -1,6 +1,6 @@
 """
-Each CASE arm and WHERE guard of the outbox's claim, settle and unsend statements
-(C{ctrlgw/store/postgres.py}), of C{claim_session} (migration 0005), of the requeue trigger
+Each CASE arm and WHERE guard of the outbox's claim, settle and unsend statements and the
+inbox's fence (C{ctrlgw/store/postgres.py}), of C{claim_session} (migration 0005), of the requeue trigger
 and of the two C{'*'} doorbells (migrations 0003 and 0006), against a real PostgreSQL: each
 test fails when the arm or guard it names is taken out.  C{make mutate} checks that, with
 the SQL mutants listed in C{tests/mutate.py} (C{SQL_MUTANTS}).
@@ -17,13 +17,17 @@ from typing import Any
 import psycopg2
 from twisted.internet.threads import deferToThread
 
+from ctrlgw.interfaces import Fenced
 from ctrlgw.store.postgres import (
+    DUPLICATE,
     EXPIRED_AT_WRITE,
     NOT_WRITTEN,
+    STORED,
     TOO_LARGE,
     UNDELIVERABLE,
     ClaimedCommand,
     ClaimPolicy,
+    InboxRow,
     Store,
 )
 from tests.pg import PostgresTestCase
@@ -237,9 +241,13 @@ class OutboxGuardTests(PostgresTestCase):
         self.assertEqual((row["state"], row["detail"]), ("failed", "does not fit in one frame"))
 
     async def test_reportOnlyItsCommand(self) -> None:
-        epochs = await self.start("a", "b")
-        mine, other = await self.send("a"), await self.send("b")
-        await self.claim(epochs)
+        """
+        A report names one command: another sent on the same session, in the same claim,
+        is left alone.
+        """
+        epochs = await self.start("a")
+        mine, other = await self.send("a"), await self.send("a")
+        self.assertEqual(len(await self.claim(epochs, maxInflight=2)), 2)
         await self.report(mine, epochs["a"], 1, TOO_LARGE)
         self.assertEqual((await self.row(other))["state"], "sent")
 
@@ -291,6 +299,40 @@ class OutboxGuardTests(PostgresTestCase):
         await self.store.claimSession("b", "main", "10.0.0.1:2")
         await self.store.releaseSessions([("b", epochs["b"] + 1, "closed")])
         self.assertEqual((await self.row(command))["state"], "sent")
+
+
+class InboxGuardTests(PostgresTestCase):
+    """
+    The inbox write stores only messages of the controller's current session (a stale
+    frame from a superseded connection is fenced), in the order they arrived.
+    """
+
+    timeout = 60
+
+    async def test_fencedStaleEpoch(self) -> None:
+        store = Store(self.db, INSTANCE)
+        await store.registerInstance("h", 1)
+        old = await store.claimSession("a", "main", "p")
+        new = await store.claimSession("a", "main", "p")
+        results = await store.writeInbox([
+            InboxRow("a", "m1", 1, new.epoch, {"n": 1}),
+            InboxRow("a", "m2", 2, old.epoch, {"n": 2}),
+            InboxRow("a", "m1", 1, new.epoch, {"n": 1}),
+        ])
+        self.assertEqual(results[0], STORED)
+        self.assertIsInstance(results[1], Fenced)
+        self.assertEqual(results[2], STORED)  # the same message twice in one batch: one row
+        self.assertEqual(await store.writeInbox([InboxRow("a", "m1", 1, new.epoch, {"n": 1})]), [DUPLICATE])
+        self.assertEqual(await self.db.runQuery("test", "SELECT message_id FROM inbox"), [("m1",)])
+
+    async def test_arrivalOrder(self) -> None:
+        store = Store(self.db, INSTANCE)
+        await store.registerInstance("h", 1)
+        claim = await store.claimSession("a", "main", "p")
+        ids = [f"m{i}" for i in range(5)]
+        await store.writeInbox([InboxRow("a", m, 1, claim.epoch, {}) for m in ids])
+        self.assertEqual(await self.db.runQuery("test", "SELECT message_id FROM inbox ORDER BY id"),
+                         [(m,) for m in ids])
 
 
 class ClaimSessionGuardTests(PostgresTestCase):
