@@ -279,6 +279,15 @@ SQL_MUTANTS: list[tuple[str, str, list[tuple[str, str]], str]] = [
         ("IF current.flap_count >= p_flap_threshold THEN", "IF current.flap_count > p_flap_threshold THEN"),
     ], SESSIONS),
     ("claim_sessions: the later hello wins", M5, [("ORDER BY t.c, t.i\n", "ORDER BY t.c, t.i DESC\n")], SESSIONS),
+    ("order_command_insert: FIFO by commit order", M5, [
+        ("    PERFORM pg_advisory_xact_lock(1668246903, hashtext(NEW.controller_id));\n", ""),
+    ], "tests.test_outbox_order.OrderTests.test_fifoFollowsCommitOrder"),
+    ("send_many: ids in the order of the arrays", M5, [
+        ("SELECT batch.id FROM batch ORDER BY batch.n;", "SELECT batch.id FROM batch ORDER BY batch.n DESC;"),
+    ], "tests.test_outbox_order.OrderTests.test_sendManyKeepsArrayOrderAndDoesNotDeadlock"),
+    ("send_many: locks in controller order", M5, [
+        ("FROM batch ORDER BY batch.c, batch.n", "FROM batch ORDER BY batch.n"),
+    ], "tests.test_sql_guards.SendManyLockOrderTests"),
     # The doorbells (migrations 0003 and 0006)
     ("commands doorbell: '*' past 7000 bytes", M3, [
         ("IF octet_length(payload) > 7000 THEN\n        payload := '*';  -- too many to list: every instance polls",
@@ -415,7 +424,8 @@ SQL_SUPPORT = ("tests/test_sql_guards.py", "tests/pg.py", "tests/helpers.py")
 def _sqlKey(mutant: tuple[str, str, list[tuple[str, str]], str]) -> str:
     name, path, replacements, test = mutant
     h = hashlib.sha256(repr((name, replacements, test)).encode())
-    h.update(_digest([ROOT / path, *(ROOT / s for s in SQL_SUPPORT)]).encode())
+    module = ROOT / ("/".join(test.split(".")[:2]) + ".py")
+    h.update(_digest([ROOT / path, module, *(ROOT / s for s in SQL_SUPPORT)]).encode())
     return h.hexdigest()
 
 

@@ -31,6 +31,7 @@ from ctrlgw.store.postgres import (
     Store,
 )
 from tests.pg import PostgresTestCase
+from tests.test_outbox_order import waitingOnLock
 
 INSTANCE = "gw-a"
 ACK_TIMEOUT = 10.0
@@ -414,6 +415,45 @@ class ClaimSessionGuardTests(PostgresTestCase):
         self.assertGreater(claims[2].epoch, claims[0].epoch)
         self.assertEqual(await self.db.runQuery("test", "SELECT peer FROM sessions WHERE controller_id = 'a'"),
                          [("p2",)])
+
+
+class SendManyLockOrderTests(PostgresTestCase):
+    """
+    send_many takes its per-controller locks in controller order, whatever the order of
+    its arrays: two batches naming the same controllers in opposite orders then never
+    hold one lock each while waiting for the other's.
+    """
+
+    timeout = 60
+
+    async def other(self) -> Any:
+        connection = await self.db.connect()
+        self.addCleanup(connection.close)
+        return connection
+
+    async def test_locksInControllerOrder(self) -> None:
+        """
+        With b's lock held elsewhere, a batch for (b, a) waits for b while holding a:
+        a later send for a waits behind it.  (Locked in array order, the batch would
+        hold nothing while it waits, and the send for a would go through.)
+        """
+        holder, batch, single = await self.other(), await self.other(), await self.other()
+        await holder.runOperation("BEGIN")
+        await holder.runQuery("SELECT send('b', '{}')")
+        await batch.runOperation("BEGIN")
+        batchDone = batch.runQuery(
+            "SELECT send_many(ARRAY['b', 'a'], ARRAY['{}', '{}']::jsonb[]) /* batch */"
+        )
+        await waitingOnLock(self, "/* batch */")
+        await single.runOperation("BEGIN")
+        singleDone = single.runQuery("SELECT send('a', '{}') /* single */")
+        await waitingOnLock(self, "/* single */")
+        await holder.runOperation("COMMIT")
+        await batchDone
+        await batch.runOperation("COMMIT")
+        await singleDone
+        await single.runOperation("COMMIT")
+        self.assertEqual(len(await self.db.runQuery("test", "SELECT 1 FROM commands")), 4)
 
 
 class DoorbellTests(PostgresTestCase):
