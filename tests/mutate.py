@@ -11,10 +11,14 @@ A run does only what is pending; when the module's source changes its session st
 afresh, and when only its tests change the killed mutants stay killed and the survivors
 are tried again.  C{--fresh} starts every session afresh.
 
-The report (score per module and every survivor) is written to
-C{docs/mutation/survivors.txt}.
+The SQL, which cosmic-ray does not mutate, has hand-written mutants (L{SQL_MUTANTS}): each
+is applied in a worker's tree, its PostgreSQL test class run, and the SQL put back; the
+outcomes are cached in C{var/mutate/sql.json}.  One run at a time (C{var/mutate/lock}).
 
-    nice -n 10 .venv/bin/python tests/mutate.py [--jobs N] [--fresh] [ctrlgw/outbox.py ...]
+The report (score per module and every survivor) is written to
+C{docs/mutation/survivors.txt}; docs/testing.md says why each survivor is left alive.
+
+    nice -n 10 .venv/bin/python tests/mutate.py [--jobs N] [--fresh] [--no-sql] [ctrlgw/outbox.py ...]
 """
 
 from __future__ import annotations
@@ -589,7 +593,7 @@ def report(modules: Sequence[str], wall: float) -> None:
     sqlKilled = outcomes.count("killed")
     sqlRun = sqlKilled + outcomes.count("survived")
     sqlScore = f"{100 * sqlKilled / sqlRun:5.1f}%" if sqlRun else "  -  "
-    lines.append(f"{'SQL (tests/test_sql_guards.py)':34} {sqlKilled:5} / {sqlRun:<5}  {sqlScore}"
+    lines.append(f"{'SQL (SQL_MUTANTS)':34} {sqlKilled:5} / {sqlRun:<5}  {sqlScore}"
                  f"  {outcomes.count('survived'):5}"
                  + (f"  {outcomes.count('stale')} stale" if "stale" in outcomes else "")
                  + (f"  {outcomes.count('pending')} pending" if "pending" in outcomes else ""))
