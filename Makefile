@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TESTS ?= tests
 CONFIG ?= etc/ctrlgw.ini
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean mutate
 
 # Dependencies, installed once per change of the package metadata or the pins.  The bench
 # extras are in too: the test suite runs the benchmark's smoke mode (tests/test_bench_smoke.py).
@@ -31,6 +31,16 @@ test: install
 # BENCH_ARGS="--smoke" for a tiny check run (under var/), "--help" for every knob.
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# Mutation testing of the ownership, inbox and outbox core (docs/testing.md, "Mutation
+# testing"): incremental, cached in var/mutate/; writes docs/mutation/survivors.txt.
+# MUTATE_ARGS="--fresh" starts afresh; module paths (ctrlgw/outbox.py) run only those.
+$(VENV)/.mutate-deps: $(VENV)/.deps
+	$(BIN)/pip install -q -c constraints.txt '.[mutate]'
+	touch $@
+
+mutate: install $(VENV)/.mutate-deps
+	nice -n 10 $(BIN)/python tests/mutate.py $(MUTATE_ARGS)
 
 lint: install
 	$(BIN)/ruff check ctrlgw tests twisted
