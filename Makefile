@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TESTS ?= tests
 CONFIG ?= etc/ctrlgw.ini
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean model
 
 # Dependencies, installed once per change of the package metadata or the pins.  The bench
 # extras are in too: the test suite runs the benchmark's smoke mode (tests/test_bench_smoke.py).
@@ -31,6 +31,11 @@ test: install
 # BENCH_ARGS="--smoke" for a tiny check run (under var/), "--help" for every knob.
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# The model-checked ownership protocol (docs/model/README.md): every property on the model
+# and every bad variant; needs spin and a C compiler (Debian: apt-get install spin gcc).
+model:
+	docs/model/check.sh var/model
 
 lint: install
 	$(BIN)/ruff check ctrlgw tests twisted
