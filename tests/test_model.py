@@ -96,9 +96,17 @@ class ModelTests(TestCase):
     async def test_releaseIgnoresEpoch(self) -> None:
         await self.check("bad-release-any-epoch", counterexample=True)
 
+    async def test_abortOnStaleRow(self) -> None:
+        """
+        A round that drops a connection whose row it read at an older epoch (claimed after
+        the query's snapshot) drops the newest claimant.
+        """
+        await self.check("bad-abort-stale", counterexample=True)
+
     async def test_incrementalRoundsAlone(self) -> None:
         """
-        Without the periodic full round, a claim that binds after the round that saw it
-        superseded stays live beside its successor (NOTIFY lost): full rounds are needed.
+        Without the periodic full round, and without time (the overlap), a claim that binds
+        after the round that saw it superseded stays live beside its successor (NOTIFY
+        lost): docs/model/README.md, "Finding".
         """
         await self.check("bad-incremental-only", counterexample=True)

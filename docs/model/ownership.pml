@@ -13,6 +13,7 @@
  *   -DBAD_UNFENCED_INBOX      the inbox insert without the epoch join
  *   -DBAD_INBOX_NO_KEYSHARE   the epoch join without FOR KEY SHARE
  *   -DBAD_RELEASE_ANY_EPOCH   the release UPDATE without "s.epoch = r.epoch"
+ *   -DBAD_ABORT_STALE         _abortSuperseded without "row.epoch < session.epoch: not yet"
  *   -DINCREMENTAL_ONLY        no periodic full round (a finding, not a variant of the code)
  * Scope knobs: -DNI=, -DMAXCLAIMS=, -DNO_INBOX, -DNO_OUTBOX (no inbox or command writes),
  *   -DNO_DEATH, -DNO_PRUNE, -DFULL_ONLY (every round a full one; see the README),
@@ -402,7 +403,11 @@ proctype Reconcile(byte i) {
         :: sEpoch != 0 ->
             /* _abortSuperseded: registry.lookup; row.epoch < session.epoch: not yet */
             if
+#ifdef BAD_ABORT_STALE
+            :: reg[i] != 0 && (sEpoch != reg[i] || !sOwned) ->
+#else
             :: reg[i] != 0 && sEpoch >= reg[i] && (sEpoch > reg[i] || !sOwned) ->
+#endif
                 /* progress: the connection reconciliation drops is not the row's current
                  * online session (never the newest claimant) */
                 assert(!(rowExists && rowEpoch == reg[i] && rowInst == i && rowOnline));
