@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TESTS ?= tests
 CONFIG ?= etc/ctrlgw.ini
 
-.PHONY: run test install lint bench clean mutate
+.PHONY: run test install lint bench clean mutate model
 
 # Dependencies, installed once per change of the package metadata or the pins.  The bench
 # extras are in too: the test suite runs the benchmark's smoke mode (tests/test_bench_smoke.py).
@@ -41,6 +41,11 @@ $(VENV)/.mutate-deps: $(VENV)/.deps
 
 mutate: install $(VENV)/.mutate-deps
 	nice -n 10 $(BIN)/python tests/mutate.py $(MUTATE_ARGS)
+
+# The model-checked ownership protocol (docs/model/README.md): every property on the model
+# and every bad variant; needs spin and a C compiler (Debian: apt-get install spin gcc).
+model:
+	docs/model/check.sh var/model
 
 lint: install
 	$(BIN)/ruff check ctrlgw tests twisted

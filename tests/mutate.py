@@ -56,6 +56,10 @@ MODULES: dict[str, tuple[str, ...]] = {
     "ctrlgw/cluster.py": ("tests.test_cluster_branches",),
     "ctrlgw/inbox.py": ("tests.test_inbox_branches",),
     "ctrlgw/outbox.py": ("tests.test_outbox_branches",),
+    # The session life every dialect shares (SessionProtocol), and v1's wire on it.
+    "ctrlgw/protocol/session.py": (
+        "tests.test_connection", "tests.test_connection_branches", "tests.test_sockopts",
+    ),
     "ctrlgw/protocol/connection.py": (
         "tests.test_connection", "tests.test_connection_branches", "tests.test_sockopts",
     ),
