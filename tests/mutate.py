@@ -218,7 +218,9 @@ SQL_MUTANTS: list[tuple[str, str, list[tuple[str, str]], str]] = [
          "sent_epoch = c.sent_epoch"),
     ], OUTBOX),
     ("unsend: detail arm not_written", PG, [
-        ("detail = CASE WHEN u.outcome = 'not_written' THEN 'connection gone before the write'\n                  WHEN",
+        ("detail = CASE WHEN u.outcome = 'not_written'\n"
+         "                      THEN 'not written: the connection was gone or not reading'\n"
+         "                  WHEN",
          "detail = CASE WHEN"),
     ], OUTBOX),
     ("unsend: detail arm expired first", PG, [

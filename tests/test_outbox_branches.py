@@ -274,21 +274,39 @@ class OutboxBranchTests(SynchronousTestCase):
         self.assertEqual(self.value("ctrlgw_command_retries_total"), 1)
         self.assertEqual(round(self.value("ctrlgw_command_enqueue_to_written_seconds_sum"), 6), 0.25)
 
-    def test_writesPausedNotWritten(self) -> None:
+    def test_writesPausedNotClaimedFor(self) -> None:
         """
-        A connection whose transport buffer is full is not written to: the command goes
-        back to pending (not_written), it is neither expired nor failed, and nothing is
-        woken for it until the connection drains.
+        A connection whose transport buffer is full is not claimed for at all (whatever
+        was claimed would only be reported back); once it reads again, it is.
         """
         a = self.live("a")
         a.received()
         a.protocol.pauseProducing()
         self.assertTrue(a.protocol.writesPaused)
+        self.outbox.wake(["a"], "notify")
+        self.turn()
+        self.assertEqual(self.store.claims, [])
+        a.protocol.resumeProducing()
+        self.outbox.wake(["a"], "connect")
+        self.turn()
+        self.assertEqual(self.store.claims, [[("a", self.epoch(a))]])
+
+    def test_writesPausedNotWritten(self) -> None:
+        """
+        A connection whose transport buffer fills while its claim is in flight is not
+        written to: the command goes back to pending (not_written), it is neither expired
+        nor failed, and nothing is woken for it until the connection drains.
+        """
+        a = self.live("a")
+        a.received()
+        self.store.beforeClaim = a.protocol.pauseProducing
         self.store.toClaim = [[self.command(a)]]
         self.outbox.wake(["a"], "notify")
         self.turn()
+        self.assertTrue(a.protocol.writesPaused)
         self.assertEqual(self.commands(a), [])
-        self.assertEqual(self.store.unsent, [(COMMAND_ID.format(1), self.epoch(a), 1, NOT_WRITTEN)])
+        self.assertEqual(self.store.unsent,
+                         [(COMMAND_ID.format(1), self.epoch(a), 1, NOT_WRITTEN, "")])
         self.assertEqual(len(self.store.claims), 1)
         self.assertEqual(self.value("ctrlgw_commands_finished_total", state="expired"), 0)
         self.assertEqual(self.value("ctrlgw_commands_finished_total", state="failed"), 0)
@@ -391,7 +409,8 @@ class OutboxBranchTests(SynchronousTestCase):
         a.protocol.deliver = broken  # type: ignore[method-assign]
         self.outbox.wake(["a", "b"], "notify")
         self.turn()
-        self.assertEqual(self.store.unsent, [(COMMAND_ID.format(1), self.epoch(a), 1, UNDELIVERABLE)])
+        self.assertEqual(self.store.unsent,
+                         [(COMMAND_ID.format(1), self.epoch(a), 1, UNDELIVERABLE, "")])
         self.assertEqual([c["id"] for c in self.commands(b)], [COMMAND_ID.format(2)])
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
@@ -479,7 +498,7 @@ class OutboxBranchTests(SynchronousTestCase):
         self.store.settleAnswer = [(ref, "acked", self.clock.seconds() - 0.5)]
         self.outbox.settle(session, ref, True, "done")
         self.turn()
-        self.assertEqual(self.store.settled, [(ref, "a", session.epoch, True, "done")])
+        self.assertEqual(self.store.settled, [(ref, "a", session.epoch, True, "done", None)])
         self.assertEqual(self.store.claims, [[("a", session.epoch)]])
         self.assertEqual(self.value("ctrlgw_commands_finished_total", state="acked"), 1)
         self.assertEqual(self.value("ctrlgw_command_enqueue_to_acked_seconds_count"), 1)

@@ -203,7 +203,7 @@ class OutboxGuardTests(PostgresTestCase):
         row = await self.report(command, epochs["a"], 1, NOT_WRITTEN)
         self.assertEqual(
             (row["state"], row["attempts"], row["finished"], row["sentEpoch"], row["detail"]),
-            ("pending", 0, False, None, "connection gone before the write"),
+            ("pending", 0, False, None, "not written: the connection was gone or not reading"),
         )
 
     async def test_notWrittenTwiceUndoesOnce(self) -> None:
