@@ -59,6 +59,7 @@ MODULES: dict[str, tuple[str, ...]] = {
     # The session life every dialect shares (SessionProtocol), and v1's wire on it.
     "ctrlgw/protocol/session.py": (
         "tests.test_connection", "tests.test_connection_branches", "tests.test_sockopts",
+        "tests.test_session_branches",
     ),
     "ctrlgw/protocol/connection.py": (
         "tests.test_connection", "tests.test_connection_branches", "tests.test_sockopts",
@@ -232,7 +233,7 @@ SQL_MUTANTS: list[tuple[str, str, list[tuple[str, str]], str]] = [
          "                  WHEN false\n                      THEN 'ttl passed without"),
     ], OUTBOX),
     ("unsend: detail arm undeliverable", PG, [
-        ("WHEN u.outcome = 'undeliverable' THEN", "WHEN false THEN"),
+        ("WHEN u.outcome = 'undeliverable'\n", "WHEN false\n"),
     ], OUTBOX),
     ("unsend: its command", PG, [("WHERE c.id = u.id AND c.sent_epoch = u.epoch", "WHERE c.sent_epoch = u.epoch")], OUTBOX),
     ("unsend: its session", PG, [("WHERE c.id = u.id AND c.sent_epoch = u.epoch", "WHERE c.id = u.id")], OUTBOX),

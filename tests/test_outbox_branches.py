@@ -395,6 +395,79 @@ class OutboxBranchTests(SynchronousTestCase):
             self.value("ctrlgw_command_claims_total", source="settle", result="empty"), 1
         )
 
+    def test_notWrittenWakesOnceRequeuedIfReadingAgain(self) -> None:
+        """
+        A command claimed while the connection stopped reading is reported not written;
+        once that report commits (the command is pending again), a connection reading
+        again by then is claimed for at once, not at the next poll.
+        """
+        a = self.live("a")
+        a.received()
+        self.store.unsendResult = Deferred()
+        self.store.beforeClaim = a.protocol.pauseProducing
+        self.store.toClaim = [[self.command(a)]]
+        self.outbox.wake(["a"], "notify")
+        self.turn()
+        self.store.beforeClaim = lambda: None
+        a.protocol.resumeProducing()
+        self.assertEqual(len(self.store.claims), 1, "nothing before the report commits")
+        self.store.unsendResult.callback(None)
+        self.turn()
+        self.assertEqual(self.store.claims, [[("a", self.epoch(a))]] * 2)
+        self.assertEqual(
+            self.value("ctrlgw_command_claims_total", source="requeued", result="empty"), 1
+        )
+
+    def test_notWrittenStillPausedWaits(self) -> None:
+        """
+        If it still does not read when the report commits, nothing is claimed: its resume
+        will wake it.
+        """
+        a = self.live("a")
+        a.received()
+        self.store.unsendResult = Deferred()
+        self.store.beforeClaim = a.protocol.pauseProducing
+        self.store.toClaim = [[self.command(a)]]
+        self.outbox.wake(["a"], "notify")
+        self.turn()
+        self.store.unsendResult.callback(None)
+        self.turn()
+        self.assertEqual(len(self.store.claims), 1)
+
+    def test_notWrittenGoneWaits(self) -> None:
+        """
+        Nor for a connection that has gone.
+        """
+        a = self.live("a")
+        a.received()
+        self.store.unsendResult = Deferred()
+        self.store.beforeClaim = a.protocol.pauseProducing
+        self.store.toClaim = [[self.command(a)]]
+        self.outbox.wake(["a"], "notify")
+        self.turn()
+        a.protocol.resumeProducing()
+        a.lose()
+        self.store.unsendResult.callback(None)
+        self.turn()
+        self.assertEqual(len(self.store.claims), 1)
+
+    def test_dialectInflightLimit(self) -> None:
+        """
+        A connection whose dialect allows fewer commands in flight than max_inflight (OCPP:
+        one) is claimed for with its own limit, in a claim of its own; the others with
+        max_inflight.
+        """
+        a, b = self.live("a"), self.live("b")
+        a.protocol.maxInflight = 1
+        b.protocol.maxInflight = 5  # more than max_inflight allows: max_inflight wins
+        self.outbox.wake(["a", "b"], "notify")
+        self.turn()
+        byLimit = sorted(
+            (args[0], claim) for args, claim in zip(self.store.claimArgs, self.store.claims,
+                                                    strict=True)
+        )
+        self.assertEqual(byLimit, [(1, [("a", self.epoch(a))]), (2, [("b", self.epoch(b))])])
+
     def test_writeErrorUndeliverable(self) -> None:
         """
         A write that fails for any other reason reports the command undeliverable, and
