@@ -49,7 +49,7 @@ from ctrlgw.framing._websocket import (
 )
 from ctrlgw.interfaces import Session
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.session import PEER_CLOSED, ConnectionContext, SessionProtocol, State
+from ctrlgw.protocol.session import PEER_CLOSED, ConnectionContext, ListenerProtocol, State
 
 log = Logger()
 
@@ -180,7 +180,7 @@ class _Waiting:
     timer: IDelayedCall | None = None
 
 
-class OcppProtocol(SessionProtocol):
+class OcppProtocol(ListenerProtocol):
     """
     One charge point's WebSocket.
     """
@@ -194,10 +194,7 @@ class OcppProtocol(SessionProtocol):
         listener: ListenerConfig,
         applySocketOptions: Callable[[Any], object] = lambda transport: None,
     ) -> None:
-        super().__init__(
-            context, listener.name, applySocketOptions,
-            listener.timestampPolicy(context.timestamps),
-        )
+        super().__init__(context, listener, applySocketOptions)
         options = listener.options
         self.path: str = options["path"]
         self.replyTimeout: float = options["reply_timeout"]

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from ctrlgw.config import ListenerConfig
 from ctrlgw.protocol import messages as v1
-from ctrlgw.protocol.session import ConnectionContext, SessionProtocol, State
+from ctrlgw.protocol.session import ConnectionContext, ListenerProtocol, State
 
 log = Logger()
 
@@ -96,7 +96,7 @@ class PacketAcks:
         return answers
 
 
-class TelematicsProtocol(SessionProtocol):
+class TelematicsProtocol(ListenerProtocol):
     """
     A tracker's TCP connection; the subclass parses its protocol.
     """
@@ -110,10 +110,7 @@ class TelematicsProtocol(SessionProtocol):
         listener: ListenerConfig,
         applySocketOptions: Callable[[Any], object] = lambda transport: None,
     ) -> None:
-        super().__init__(
-            context, listener.name, applySocketOptions,
-            listener.timestampPolicy(context.timestamps),
-        )
+        super().__init__(context, listener, applySocketOptions)
         self.controller: str | None = None
         self.acks = PacketAcks()
         # The command written and not answered yet.

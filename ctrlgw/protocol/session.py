@@ -27,7 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from ctrlgw.clock import wallMillis
-from ctrlgw.config import LivenessConfig, TimestampConfig
+from ctrlgw.config import ListenerConfig, LivenessConfig, TimestampConfig
 from ctrlgw.interfaces import (
     AuthFailed,
     Fenced,
@@ -676,3 +676,22 @@ class SessionProtocol(Protocol):
         Answer the controller's request C{messageId} with an error.
         """
         return False
+
+
+class ListenerProtocol(SessionProtocol):
+    """
+    A dialect's connection made from its listener's whole configuration (its options,
+    its C{max_frame}, its timestamp policy), as L{ctrlgw.dialects.IDialect.buildProtocol}
+    hands it.
+    """
+
+    def __init__(
+        self,
+        context: ConnectionContext,
+        listener: ListenerConfig,
+        applySocketOptions: Callable[[Any], object] = lambda transport: None,
+    ) -> None:
+        super().__init__(
+            context, listener.name, applySocketOptions,
+            listener.timestampPolicy(context.timestamps),
+        )
