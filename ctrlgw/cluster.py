@@ -237,6 +237,8 @@ class Cluster:
                 continue
             if self.ownership.claimInFlight(row.controller):
                 continue  # Committed, not yet bound: never fence a fresh session.
+            if self.ownership.releaseInFlight(row.controller):
+                continue  # Its own release, with its reason, is on the way.
             bound = self.registry.lookup(row.controller)
             if bound is not None and bound.session is not None and (
                 bound.session.epoch >= row.epoch

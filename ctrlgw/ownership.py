@@ -166,6 +166,7 @@ class PostgresOwnership:
             clock, store.claimSessions, batchSize=500, interval=0.0, maxBuffered=100_000,
             name="session claims", retry=False,
         )
+        self._releasing: dict[str, int] = {}
         self._releases: BatchWriter[tuple[str, int, str]] = BatchWriter(
             clock, store.releaseSessions,
             batchSize=500, interval=0.01, maxBuffered=100_000, name="session releases",
@@ -310,10 +311,27 @@ class PostgresOwnership:
         Mark the session C{epoch} of C{controller} offline (batched; a newer epoch is left
         alone).  If this is lost, reconciliation releases the row later.
         """
-        self._releases.add((controller, epoch, reason)).addErrback(
+        self._releasing[controller] = self._releasing.get(controller, 0) + 1
+
+        def done(result: object) -> object:
+            left = self._releasing.pop(controller) - 1
+            if left:
+                self._releasing[controller] = left
+            return result
+
+        d = self._releases.add((controller, epoch, reason))
+        d.addBoth(done)
+        d.addErrback(
             lambda f: log.warn("session release of {controller} not recorded: {error}",
                                controller=controller, error=f.getErrorMessage())
         )
+
+    def releaseInFlight(self, controller: str) -> bool:
+        """
+        Whether a release of C{controller} is queued here and not yet written: it will
+        take the row offline with its own reason.
+        """
+        return controller in self._releasing
 
     def drain(self) -> Deferred[None]:
         return self._releases.drain()

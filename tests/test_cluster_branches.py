@@ -72,10 +72,14 @@ class FakeOwnership:
     def __init__(self) -> None:
         self.admitting = False
         self.inFlight: set[str] = set()
+        self.releasing: set[str] = set()
         self.released: list[tuple[str, int, str]] = []
 
     def claimInFlight(self, controller: str) -> bool:
         return controller in self.inFlight
+
+    def releaseInFlight(self, controller: str) -> bool:
+        return controller in self.releasing
 
     def releaseRow(self, controller: str, epoch: int, reason: str) -> None:
         self.released.append((controller, epoch, reason))
@@ -262,6 +266,17 @@ class ClusterBranchTests(SynchronousTestCase):
         self.store.rows = [SessionRow("fresh", 1, INSTANCE, True)]
         self.assertEqual(self.reconcile(), (0, 0))
         self.assertEqual(self.ownership.released, [])
+
+    def test_releaseInFlightNotReleasedAgain(self) -> None:
+        """
+        A row whose own release is queued here is left to it: the history gets the real
+        reason (peer_closed, takeover, ...), not "reconciled".
+        """
+        self.ownership.releasing.add("leaving")
+        self.store.rows = [SessionRow("leaving", 1, INSTANCE, True),
+                           SessionRow("stray", 2, INSTANCE, True)]
+        self.assertEqual(self.reconcile(), (0, 1))
+        self.assertEqual(self.ownership.released, [("stray", 2, "reconciled")])
 
     def test_othersRowsNotReleased(self) -> None:
         self.store.rows = [SessionRow("x", 1, "gw-there", True), SessionRow("y", 1, INSTANCE, False)]

@@ -49,6 +49,7 @@ class FakeStore:
         self.claimError: Exception | None = None
         self.recheckError: Exception | None = None
         self.released: list[tuple[str, int, str]] = []
+        self.releaseGate: Deferred[None] | None = None
         self.events: list[Event] = []
 
     async def lookupCredentials(self, controllers: Sequence[str]) -> list[tuple[bytes, bool] | None]:
@@ -76,6 +77,8 @@ class FakeStore:
 
     async def releaseSessions(self, rows: Sequence[tuple[str, int, str]]) -> list[object]:
         self.released.extend(rows)
+        if self.releaseGate is not None:
+            await self.releaseGate
         return [None] * len(rows)
 
     async def writeEvents(self, events: Sequence[Event]) -> list[object]:
@@ -321,6 +324,26 @@ class OwnershipBranchTests(OwnershipFixture):
         events = self.flush()
         self.assertEqual(self.store.released, [("a", 1, "closed")])
         self.assertEqual(events[-1], ("a", "disconnect", "closed", 1))
+
+    def test_releaseInFlightUntilWritten(self) -> None:
+        """
+        A queued release is in flight until written (reconciliation leaves its row
+        alone meanwhile); two for one controller, until both are.
+        """
+        self.store.releaseGate = Deferred()
+        self.ownership.releaseRow("b", 2, "gone")
+        self.assertTrue(self.ownership.releaseInFlight("b"), "one release, being written")
+        self.store.releaseGate.callback(None)
+        self.store.releaseGate = None
+        self.clock.advance(0.1)
+        self.assertFalse(self.ownership.releaseInFlight("b"))
+        self.ownership.releaseRow("a", 3, "gone")
+        self.ownership.releaseRow("a", 4, "gone")
+        self.assertTrue(self.ownership.releaseInFlight("a"))
+        self.assertFalse(self.ownership.releaseInFlight("b"))
+        self.successResultOf(self.ownership.drain())
+        self.assertEqual(self.store.released, [("b", 2, "gone"), ("a", 3, "gone"), ("a", 4, "gone")])
+        self.assertFalse(self.ownership.releaseInFlight("a"))
 
     def test_drainAndAbandon(self) -> None:
         self.ownership.releaseRow("a", 3, "gone")
