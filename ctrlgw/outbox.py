@@ -143,12 +143,14 @@ class Outbox:
         self._claiming = False
         self._scheduleRound()
 
-    def _takeTargets(self) -> list[tuple[Session, str]]:
+    def _takeTargets(self) -> dict[int, list[tuple[Session, str]]]:
         """
-        The live sessions to claim for, each with what woke it; clears the wake-ups.
+        The live sessions to claim for, each with what woke it, by the number of commands
+        their dialect allows in flight; clears the wake-ups.
         """
         pending, self._woken = self._woken, {}
-        targets = []
+        byLimit: dict[int, list[tuple[Session, str]]] = {}
+        configured = self.config.max_inflight
         for controller, source in pending.items():
             connection = self.registry.lookup(controller)
             # Not one that has stopped reading: whatever was claimed for it would only be
@@ -157,8 +159,11 @@ class Outbox:
                 connection is not None and connection.live and connection.session is not None
                 and not connection.writesPaused
             ):
-                targets.append((connection.session, source))
-        return targets
+                # A dialect may allow fewer than max_inflight (OCPP: one CALL at a time).
+                limit = connection.maxInflight
+                limit = configured if limit is None else min(limit, configured)
+                byLimit.setdefault(limit, []).append((connection.session, source))
+        return byLimit
 
     async def _claimRound(self) -> None:
         if self._wakeAll is not None:
@@ -167,20 +172,9 @@ class Outbox:
             # Past _MAX_DUE, the rest wait for the next poll.
             for controller in due:
                 self._woken.setdefault(controller, source)
-        # One claim per in-flight limit: a dialect may allow fewer than max_inflight
-        # (OCPP: one CALL at a time), so a round makes at most one claim per dialect.
-        byLimit: dict[int, list[tuple[Session, str]]] = {}
-        for session, source in self._takeTargets():
-            byLimit.setdefault(self._inflightLimit(session.controller), []).append(
-                (session, source)
-            )
-        for limit, targets in byLimit.items():
+        # One claim per in-flight limit: at most one per dialect in a round.
+        for limit, targets in self._takeTargets().items():
             await self._claimFor(targets, limit)
-
-    def _inflightLimit(self, controller: str) -> int:
-        connection = self.registry.lookup(controller)
-        limit = connection.maxInflight if connection is not None else None
-        return self.config.max_inflight if limit is None else min(limit, self.config.max_inflight)
 
     async def _claimFor(self, targets: list[tuple[Session, str]], maxInflight: int) -> None:
         for start in range(0, len(targets), self.config.claim_batch):

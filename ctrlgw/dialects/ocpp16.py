@@ -504,9 +504,9 @@ class OcppProtocol(ListenerProtocol):
 
     def _refuseCall(self, uniqueId: str, error: CallRefused) -> None:
         self.context.metrics.frameErrors.labels(error.code).inc()
-        self.context.framesOut["error"].inc()
         if self.state is State.LIVE:
             self._writeText(_callError(uniqueId, error.code, error.description))
+            self.context.framesOut["error"].inc()
 
     def _writeText(self, text: str) -> None:
         self._write(self.ws.frame(text))
