@@ -10,7 +10,8 @@ asyncio code (L{AsyncioConsumer}, over asyncpg: C{pip install ctrlgw[asyncio]}):
   3. C{ack_stream} the batch; if the callback raised, ack the entries before the one that
      failed and stop with the error (the failed one comes again once its lease runs out);
   4. when the group has nothing, wait for the stream's notification (one per write
-     transaction), at most C{wait} seconds, and read again.
+     transaction, and one per ack that frees entries waiting behind the acked ones),
+     at most C{wait} seconds, and read again.
 
 A consumer killed in the middle of a batch has acked none of it: the whole batch goes to
 another consumer of the group after the lease.  So a callback must tolerate an entry it has
@@ -83,6 +84,13 @@ class _Loop:
         )
         self.ackSql = f"SELECT {s}.ack_stream($1, $2::text[])"
 
+    def concerns(self, payload: str) -> bool:
+        """
+        Whether a notification is for this loop: a write's (no payload) is for every
+        group, an ack's (migration 10) only for the group it names.
+        """
+        return not payload or payload == self.group
+
     def rang(self) -> None:
         self._settle = 0
 
@@ -116,7 +124,7 @@ class TwistedConsumer(_Loop):
         self._timer: IDelayedCall | None = None
 
     def _notified(self, notify: Any) -> None:
-        if notify.channel == self.channel:
+        if notify.channel == self.channel and self.concerns(notify.payload):
             self._rang = True
             self.rang()
             self._wake()
@@ -189,9 +197,10 @@ class AsyncioConsumer(_Loop):
         self.connection = connection
         self._event = asyncio.Event()
 
-    def _notified(self, *_: object) -> None:
-        self.rang()
-        self._event.set()
+    def _notified(self, connection: object, pid: int, channel: str, payload: str) -> None:
+        if self.concerns(payload):
+            self.rang()
+            self._event.set()
 
     def stop(self) -> None:
         self.running = False

@@ -10,6 +10,7 @@ from typing import Any
 
 from psycopg2 import DataError
 from twisted.internet.defer import Deferred
+from twisted.trial.unittest import SynchronousTestCase
 
 from ctrlgw.client import Entry
 from ctrlgw.metrics import Metrics
@@ -200,6 +201,36 @@ class GroupTests(StreamTestCase):
         self.assertEqual(await self.store.ackStream("app", [first[0].entry_id]), 1)
         third = await self.store.readStream("app", 100, 30)
         self.assertEqual(ids(third), ["a2", "a3"])
+
+    @deferred
+    async def test_anAckThatFreesWaitingEntriesRingsTheGroup(self) -> None:
+        """
+        Acking a controller's entry while its later entries wait behind it notifies the
+        stream channel with the group's name (the group's idle consumers read them now);
+        an ack with nothing waiting behind it notifies nothing.
+        """
+        for controller, message in [("A", "a1"), ("A", "a2"), ("B", "b1")]:
+            await self.message(controller, message)
+        (a1,) = await self.store.readStream("app", 1, 30)
+        (b1,) = await self.store.readStream("app", 100, 30)
+        self.assertEqual(ids([a1, b1]), ["a1", "b1"])
+        listener = await self.db.connect()
+        self.addCleanup(listener.close)
+        heard: list[tuple[str, str]] = []
+        listener.addNotifyObserver(lambda n: heard.append((n.channel, n.payload)))
+        await listener.runOperation(f'LISTEN "{self.schema}_stream"')
+
+        async def ackAndListen(entry: Entry) -> list[tuple[str, str]]:
+            self.assertEqual(await self.store.ackStream("app", [entry.entry_id]), 1)
+            await sleep(0.2)
+            await listener.runOperation("SELECT 1")
+            rang = heard[:]
+            heard.clear()
+            return rang
+
+        self.assertEqual(await ackAndListen(b1), [])
+        self.assertEqual(await ackAndListen(a1), [(f"{self.schema}_stream", "app")])
+        self.assertEqual(ids(await self.store.readStream("app", 100, 30)), ["a2"])
 
     @deferred
     async def test_redeliveryOnlyAfterTheLease(self) -> None:
@@ -457,3 +488,29 @@ class ClientTests(StreamTestCase):
         self.assertEqual([m for (m,) in pending], ["a2", "a3", "a4"])
         await sleep(0.4)
         self.assertEqual(ids(await self.store.readStream("app", 10, 30)), ["a2", "a3", "a4"])
+
+
+class NotificationFilterTests(SynchronousTestCase):
+    def test_aWriteConcernsEveryGroupAnAckOnlyItsOwn(self) -> None:
+        """
+        A consumer wakes for a write's notification (no payload) and for an ack's that
+        names its group; another group's ack leaves it asleep.
+        """
+        from twisted.internet.task import Clock
+
+        from ctrlgw.client import TwistedConsumer
+
+        consumer = TwistedConsumer(Clock(), object(), "s", "app", lambda entry: None)
+        woken: list[bool] = []
+        consumer._wake = lambda: woken.append(True)  # type: ignore[method-assign]
+
+        class Notify:
+            def __init__(self, channel: str, payload: str) -> None:
+                self.channel, self.payload = channel, payload
+
+        consumer._notified(Notify("s_stream", "other"))
+        consumer._notified(Notify("s_other", ""))
+        self.assertEqual(woken, [])
+        consumer._notified(Notify("s_stream", "app"))
+        consumer._notified(Notify("s_stream", ""))
+        self.assertEqual(woken, [True, True])
