@@ -15,6 +15,7 @@ L{ctrlgw.framing}); the gateway's frames are read as plain JSON.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import random
@@ -216,6 +217,7 @@ class Fleet:
         )
         self._live: list[SimController] = []
         self._liveIndex: dict[str, int] = {}
+        self._frozen = False
         self._failures: dict[str, int] = {}
         self._endpoint: dict[str, int] = {}
         self._timers: dict[str, IDelayedCall] = {}
@@ -297,6 +299,13 @@ class Fleet:
         self._liveIndex[protocol.controller] = len(self._live)
         self._live.append(protocol)
         self.stats.connected = len(self._live)
+        if not self._frozen and self.stats.connected == self.options.controllers:
+            # The whole fleet is up: its objects out of the collector's way.  A full
+            # collection walks every tracked object, a pause that grows with the fleet and
+            # would be measured as the gateway's latency.  (Objects made after this are
+            # collected as usual.)
+            self._frozen = True
+            gc.freeze()
 
     def lost(self, protocol: SimController) -> None:
         self.stats.disconnects += 1

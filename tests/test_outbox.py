@@ -592,7 +592,7 @@ class OutboxTests(PostgresTestCase):
             " UPDATE sessions SET last_seen_at = now() WHERE controller_id = 'c-1'"
         )
         claiming = Deferred.fromCoroutine(store.claimCommands([("c-1", old.epoch)], 1, 5, 10.0, 2.0))
-        await waitUntilBlocked(self.db, "WITH local AS", blockedBy=otherPid)
+        await waitUntilBlocked(self.db, "EXECUTE ctrlgw_outbox_claim", blockedBy=otherPid)
         self.assertFalse(claiming.called)
         await other.runOperation("COMMIT")
         first = await claiming
@@ -604,7 +604,7 @@ class OutboxTests(PostgresTestCase):
         await other.runOperation("BEGIN")
         await other.runQuery(newSession)
         claiming = Deferred.fromCoroutine(store.claimCommands([("c-1", old.epoch)], 1, 5, 10.0, 2.0))
-        await waitUntilBlocked(self.db, "WITH local AS", blockedBy=otherPid)
+        await waitUntilBlocked(self.db, "EXECUTE ctrlgw_outbox_claim", blockedBy=otherPid)
         self.assertFalse(claiming.called)
         await other.runOperation("COMMIT")
         self.assertEqual(await claiming, [])

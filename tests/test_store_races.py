@@ -55,7 +55,7 @@ class RaceTests(PostgresTestCase):
             "SELECT 1 FROM sessions WHERE controller_id = 'X' FOR UPDATE"
         )
         retry = Deferred.fromCoroutine(store.claimCommands([("X", claim.epoch)], **CLAIM))
-        await waitUntilBlocked(self.db, "WITH local AS", blockedBy=blockerPid)
+        await waitUntilBlocked(self.db, "EXECUTE ctrlgw_outbox_claim", blockedBy=blockerPid)
         self.assertFalse(retry.called)
         settled = await store.settleCommands([(command, "X", claim.epoch, True, "")])
         self.assertEqual([state for _, state, _ in settled], ["acked"])

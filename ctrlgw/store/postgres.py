@@ -17,7 +17,7 @@ from psycopg2 import DataError, IntegrityError
 
 from ctrlgw.client import Entry
 from ctrlgw.interfaces import Fenced
-from ctrlgw.store.database import Database
+from ctrlgw.store.database import Database, Prepared
 
 
 def rejectsRow(error: BaseException) -> bool:
@@ -312,7 +312,7 @@ UPDATE commands c SET
                   WHEN u.outcome = 'undeliverable'
                       THEN coalesce(nullif(u.detail, ''), 'the gateway could not write it')
                   ELSE 'does not fit in one frame' END
-FROM unnest(%s::uuid[], %s::bigint[], %s::integer[], %s::text[], %s::text[])
+FROM unnest(%s::text[]::uuid[], %s::bigint[], %s::integer[], %s::text[], %s::text[])
     AS u(id, epoch, claim, outcome, detail)
 -- The very claim the report is about: not an earlier one, not a later one.
 WHERE c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
@@ -326,12 +326,20 @@ UPDATE commands c SET
     state = CASE WHEN s.ok THEN 'acked' ELSE 'nacked' END, finished_at = now(),
     next_attempt_at = NULL, detail = s.reason, last_instance = %s,
     result = coalesce(s.result::jsonb, c.result)
-FROM unnest(%s::uuid[], %s::text[], %s::bigint[], %s::boolean[], %s::text[], %s::text[])
+FROM unnest(%s::text[]::uuid[], %s::text[], %s::bigint[], %s::boolean[], %s::text[], %s::text[])
     AS s(id, controller_id, epoch, ok, reason, result)
 WHERE c.id = s.id AND c.controller_id = s.controller_id AND c.state = 'sent'
   AND c.sent_epoch = s.epoch
 RETURNING c.id::text, c.state, extract(epoch FROM c.created_at)::float8
 """
+
+# Prepared on each connection: these run for every command, and planning each costs the
+# server several times its execution.  A claim lost in a server crash only means the
+# command is sent again (at least once, same id), so its commit does not wait for the WAL;
+# an ack's settlement and a report do.
+_CLAIM = Prepared("ctrlgw_outbox_claim", _CLAIM_COMMANDS, durable=False)
+_UNSEND = Prepared("ctrlgw_outbox_unsend", _UNSEND_COMMANDS)
+_SETTLE = Prepared("ctrlgw_outbox_settle", _SETTLE_COMMANDS)
 
 _SWEEP_COMMANDS = """
 WITH candidates AS (
@@ -699,7 +707,7 @@ class Store:
         """
         rows = await self.db.runQuery(
             "outbox_claim",
-            _CLAIM_COMMANDS,
+            _CLAIM,
             {
                 "controllers": [c for c, _ in sessions],
                 "epochs": [e for _, e in sessions],
@@ -723,7 +731,7 @@ class Store:
         """
         await self.db.runOperation(
             "outbox_unsend",
-            _UNSEND_COMMANDS,
+            _UNSEND,
             (
                 self.instance,
                 [r[0] for r in rows],
@@ -777,7 +785,7 @@ class Store:
         """
         result = await self.db.runQuery(
             "outbox_settle",
-            _SETTLE_COMMANDS,
+            _SETTLE,
             (
                 self.instance,
                 [r[0] for r in rows],
