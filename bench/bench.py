@@ -956,8 +956,6 @@ async def runScenarios(ctx: Context, args: argparse.Namespace, where: str) -> di
     if {"commands", "backlog", "inbound", "takeover", "stream"} & set(only):
         main = await ctx.gateway("a")
         log(f"gateway {main.name} ready (schema {ctx.schema})")
-        for stmt in filter(None, os.environ.get("BENCH_EXPERIMENT_SQL", "").split("|||")):
-            await ctx.pool.runOperation(stmt.replace("ctrlgw.", f"{ctx.schema}."))
 
     async def commands() -> dict[str, Any]:
         assert main is not None
