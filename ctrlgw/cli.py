@@ -309,7 +309,7 @@ async def _partition(ctx: Context) -> int:
             undone = await ctx.store.partitionAbort(table)
             ctx.out.write(f"{table}: {'conversion undone' if undone else 'nothing to undo'}\n")
         return EXIT_OK
-    outdated = await ctx.store.outdatedInstances()
+    outdated = await ctx.store.outdatedInstances(ctx.args.instance_ttl)
     if outdated and not ctx.args.force:
         raise CommandFailed(
             f"live instances run code older than migration 11 (their inbox writes need an"
@@ -421,6 +421,7 @@ async def _execute(reactor: Any, args: argparse.Namespace, out: TextIO, err: Tex
     if getattr(args, "partition_hours", 0) is None:
         args.partition_hours = config.retention.partition_hours
         args.partitions_ahead = config.retention.partitions_ahead
+        args.instance_ttl = config.cluster.instance_ttl
     controller = getattr(args, "controller", None)
     if controller is not None and not CONTROLLER_ID.fullmatch(controller):
         raise CommandFailed(

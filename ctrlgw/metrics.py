@@ -345,7 +345,7 @@ class Metrics:
 
         # Time partitions of inbox and events (ctrlgw/partitions.py, docs/scaling.md).
         self.partitionsCreated = Counter(
-            "ctrlgw_partitions_created_total",
+            "ctrlgw_partitions_added_total",
             "Time partitions this instance created ahead, by table.", ["table"], registry=r,
         )
         self.partitionsDropped = Counter(

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import SynchronousTestCase
 
 from ctrlgw import cli
 from ctrlgw.config import RetentionConfig
@@ -340,3 +341,44 @@ class ConversionTests(PostgresTestCase):
         self.assertIn("inbox: partitioned", out)
         self.assertIn("events: partitioned", out)
         self.assertEqual(await self.count("SELECT count(*) FROM inbox"), 20000)
+
+
+class _FlakyStore:
+    """
+    A store whose inbox calls fail (a lock not granted in time), events' succeed.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    async def createPartitions(self, table: str, span: float, ahead: int) -> int:
+        self.calls.append(("create", table))
+        if table == "inbox":
+            raise RuntimeError("canceling statement due to lock timeout")
+        return 2
+
+    async def dropPartitions(self, table: str, days: int) -> list[str]:
+        self.calls.append(("drop", table))
+        return ["events_p20260101t0000"]
+
+    async def partitionsCover(self, table: str) -> tuple[int, float | None]:
+        return 5, 3 * DAY
+
+
+class PartitionJobTests(SynchronousTestCase):
+    def test_oneTableFailingLeavesTheOther(self) -> None:
+        """
+        The job logs a table's failure and goes on with the next; metrics count only what
+        happened.
+        """
+        store, metrics = _FlakyStore(), Metrics()
+        job = PartitionJob(store, metrics, retention())  # type: ignore[arg-type]
+        self.successResultOf(Deferred.fromCoroutine(job.run()))
+        self.assertEqual(
+            store.calls, [("create", "inbox"), ("create", "events"), ("drop", "events")]
+        )
+        self.assertEqual(metrics.partitionsCreated.labels("events")._value.get(), 2)
+        self.assertEqual(metrics.partitionsCreated.labels("inbox")._value.get(), 0)
+        self.assertEqual(metrics.partitionsDropped.labels("events")._value.get(), 1)
+        self.assertEqual(metrics.partitionsAhead.labels("events")._value.get(), 3 * DAY)
+        self.assertEqual(metrics.partitionsCount.labels("events")._value.get(), 5)

@@ -787,16 +787,16 @@ class Store:
     def isLockTimeout(e: BaseException) -> bool:
         return getattr(e, "pgcode", None) == "55P03"
 
-    async def outdatedInstances(self) -> list[str]:
+    async def outdatedInstances(self, ttl: float) -> list[str]:
         """
-        Live instances (heartbeat within the instance TTL) whose code predates migration 11.
+        Live instances (heartbeat within C{ttl} seconds) whose code predates migration 11.
         """
         rows = await self.db.runQuery(
             "instances_outdated",
             "SELECT instance_id FROM instances"
             " WHERE heartbeat_at > now() - make_interval(secs => %s)"
             " AND coalesce(schema_version, 0) < 11 ORDER BY instance_id",
-            (self.policy.instanceTtl,),
+            (ttl,),
         )
         return [str(i) for (i,) in rows]
 
