@@ -14,7 +14,8 @@ in three transactions a live cluster survives (see the migration and docs/scalin
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
@@ -26,8 +27,11 @@ from ctrlgw.store.postgres import PARTITIONED, Store
 
 log = Logger()
 
-# How often the swap is tried when its lock is not granted within the lock timeout (2 s).
-SWAP_ATTEMPTS = 5
+# How often a conversion step is tried when its lock is not granted within the lock
+# timeout (2 s).
+LOCK_ATTEMPTS = 5
+
+T = TypeVar("T")
 
 
 def retentionDays(retention: RetentionConfig, table: str) -> int:
@@ -87,17 +91,23 @@ async def convert(
     """
     if await store.isPartitioned(table):
         return False
-    bound = await store.partitionBegin(table, span, within)
+
+    async def briefly(step: str, call: Callable[[], Awaitable[T]]) -> T:
+        # The two steps under a brief ACCESS EXCLUSIVE lock give up after its lock timeout
+        # (never queueing inserts behind them for long) and are tried again.
+        for attempt in range(1, LOCK_ATTEMPTS + 1):
+            try:
+                return await call()
+            except Exception as e:
+                if not store.isLockTimeout(e) or attempt == LOCK_ATTEMPTS:
+                    raise
+                say(f"{table}: {step} lock not granted ({attempt}/{LOCK_ATTEMPTS}), trying again")
+                await deferLater(clock, 1.0, lambda: None)
+        raise AssertionError("unreachable")
+
+    bound = await briefly("begin", lambda: store.partitionBegin(table, span, within))
     say(f"{table}: rows before {bound} stay in {table}_legacy; validating the bound")
     await store.partitionValidate(table)
-    for attempt in range(1, SWAP_ATTEMPTS + 1):
-        try:
-            await store.partitionSwap(table, span, ahead)
-            break
-        except Exception as e:
-            if not store.isLockTimeout(e) or attempt == SWAP_ATTEMPTS:
-                raise
-            say(f"{table}: swap lock not granted ({attempt}/{SWAP_ATTEMPTS}), trying again")
-            await deferLater(clock, 1.0, lambda: None)
+    await briefly("swap", lambda: store.partitionSwap(table, span, ahead))
     say(f"{table}: partitioned; {table}_legacy drops whole once older than the retention")
     return True

@@ -13,6 +13,7 @@ import os
 import uuid
 from typing import Any
 
+import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThread
@@ -311,6 +312,79 @@ class ConversionTests(PostgresTestCase):
             " WHERE message_id IN ('old1', 'old2')"
         )
         self.assertEqual(await self.store.prune("inbox", 1, 100), 2)
+
+    @deferred
+    async def test_validationLetsWritesThrough(self) -> None:
+        """
+        The long step holds its lock without stopping writes: while a transaction that ran
+        partition_validate is still open, new-code and old-code inbox writes, history and
+        row-by-row retention all complete; the swap, which must wait for it, gives up
+        after its lock timeout instead of queueing writes behind it.
+        """
+        await self.store.partitionBegin("inbox", DAY, DAY)
+        holder = await self.db.connect()
+        self.addCleanup(holder.close)
+        await holder.runOperation("BEGIN")
+        await holder.runOperation("SELECT partition_validate('inbox')")
+        writer = Store(await self.openDatabase(statement_timeout=3.0), "gw-writer")
+        started = reactor.seconds()
+        self.assertEqual(await writer.writeInbox(rows("c3", 1, [1, 2])), [STORED, STORED])
+        await self.db.runOperation(
+            "t",
+            "INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch)"
+            " VALUES ('c3', 'older-code', now(), 'old', 1)"
+            " ON CONFLICT (controller_id, message_id) DO NOTHING",
+        )
+        await writer.writeEvents([Event("c3", "connect", "during", 1, "p")])
+        await self.db.runOperation(
+            "t", "UPDATE inbox SET received_at = now() - interval '2 days' WHERE message_id = 'old1'"
+        )
+        self.assertEqual(await self.store.prune("inbox", 1, 10), 1)
+        self.assertLess(reactor.seconds() - started, 1.0)
+        # Not validated until that transaction commits: the swap refuses.
+        with self.assertRaises(psycopg2.Error) as refused:
+            await self.store.partitionSwap("inbox", DAY, 3)
+        self.assertIn("partition_validate first", str(refused.exception))
+        await holder.runOperation("COMMIT")
+        # A write transaction left open: the swap gives up after its lock timeout (2 s)
+        # rather than queueing every insert behind it.
+        await holder.runOperation("BEGIN")
+        await holder.runOperation(
+            "INSERT INTO events (controller_id, kind, instance_id) VALUES ('c3', 'x', 'old')"
+        )
+        await holder.runOperation("LOCK TABLE inbox IN ROW EXCLUSIVE MODE")
+        with self.assertRaises(psycopg2.Error) as timedOut:
+            await self.store.partitionSwap("inbox", DAY, 3)
+        self.assertTrue(Store.isLockTimeout(timedOut.exception), timedOut.exception)
+        self.assertFalse(await self.store.isPartitioned("inbox"))
+        await holder.runOperation("COMMIT")
+        await self.store.partitionSwap("inbox", DAY, 3)
+        self.assertTrue(await self.store.isPartitioned("inbox"))
+        self.assertEqual(await self.count("SELECT count(*) FROM inbox"), 20000 + 3 - 1)
+
+    @deferred
+    async def test_lockStepsTryAgain(self) -> None:
+        """
+        A step that cannot have its lock in time (here the first) is tried again, and
+        goes through once the transaction in its way ends.
+        """
+        holder = await self.db.connect()
+        self.addCleanup(holder.close)
+        await holder.runOperation("BEGIN")
+        await holder.runOperation("LOCK TABLE inbox IN ROW EXCLUSIVE MODE")
+        lines: list[str] = []
+
+        def say(line: str) -> None:
+            lines.append(line)
+            if "trying again" in line:
+                holder.runOperation("COMMIT")
+
+        self.assertTrue(await convert(reactor, self.store, "inbox", DAY, 3, DAY, say))
+        self.assertEqual(
+            [line for line in lines if "trying again" in line],
+            ["inbox: begin lock not granted (1/5), trying again"],
+        )
+        self.assertTrue(await self.store.isPartitioned("inbox"))
 
     @deferred
     async def test_cliRefusesOldInstancesAndAborts(self) -> None:

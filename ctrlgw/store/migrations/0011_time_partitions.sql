@@ -191,7 +191,7 @@ DECLARE
     chosen timestamptz;
 BEGIN
     IF is_partitioned(p_parent) THEN
-        RAISE EXCEPTION '% is already partitioned', p_parent USING ERRCODE = '55000';
+        RAISE EXCEPTION '% is already partitioned', p_parent;
     END IF;
     SELECT t.upper_at INTO chosen FROM time_partitions t WHERE t.partition = legacy;
     IF FOUND THEN
@@ -277,18 +277,16 @@ DECLARE
     valid boolean;
 BEGIN
     IF is_partitioned(p_parent) THEN
-        RAISE EXCEPTION '% is already partitioned', p_parent USING ERRCODE = '55000';
+        RAISE EXCEPTION '% is already partitioned', p_parent;
     END IF;
     SELECT t.upper_at INTO bound FROM time_partitions t WHERE t.partition = legacy;
     SELECT c.convalidated INTO valid FROM pg_constraint c
     WHERE c.conrelid = to_regclass(quote_ident(p_parent)) AND c.conname = legacy || '_bound';
     IF bound IS NULL OR valid IS NOT TRUE THEN
-        RAISE EXCEPTION 'run partition_begin and partition_validate first'
-            USING ERRCODE = '55000';
+        RAISE EXCEPTION 'run partition_begin and partition_validate first';
     END IF;
     IF bound <= now() THEN
-        RAISE EXCEPTION 'the bound % has passed: abort and begin again', bound
-            USING ERRCODE = '55000';
+        RAISE EXCEPTION 'the bound % has passed: abort and begin again', bound;
     END IF;
     PERFORM set_config('lock_timeout', '2s', true);
     EXECUTE format('LOCK TABLE %I IN ACCESS EXCLUSIVE MODE', p_parent);
