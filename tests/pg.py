@@ -74,6 +74,13 @@ class PostgresTestCase(TestCase):
         self.metrics = Metrics()
         self.db = await self.openDatabase()
         self.addCleanup(self._dropSchema)
+        await self.migrate()
+
+    async def migrate(self) -> None:
+        """
+        Bring the test's schema to the current version (subclasses may load older rows on
+        the way).
+        """
         if self.unpartitioned:
             await applyMigrations(self.db, upTo=10)
             await self.db.runOperation(

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import io
 import os
-import uuid
 from typing import Any
 
 import psycopg2
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, gatherResults
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase
 
 from ctrlgw import cli
@@ -26,7 +24,7 @@ from ctrlgw.partitions import PartitionJob, convert
 from ctrlgw.store.migrate import applyMigrations
 from ctrlgw.store.postgres import DUPLICATE, STORED, Event, InboxRow, Store
 from tests.helpers import deferred
-from tests.pg import PostgresTestCase, sharedDsn
+from tests.pg import PostgresTestCase
 
 DAY = 86400.0
 INI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "etc", "ctrlgw.ini")
@@ -189,11 +187,10 @@ class ConversionTests(PostgresTestCase):
     timeout = 120
 
     async def _setUp(self) -> None:
-        self.dsn = await deferToThread(sharedDsn)
-        self.schema = "t_" + uuid.uuid4().hex[:12]
-        self.metrics = Metrics()
-        self.db = await self.openDatabase()
-        self.addCleanup(self._dropSchema)
+        await super()._setUp()
+        self.store = Store(self.db, "gw-new")
+
+    async def migrate(self) -> None:
         await applyMigrations(self.db, upTo=10)
         # Old rows, written as version 10 did (its inbox write names its conflict target).
         await self.db.runOperation(
@@ -216,7 +213,6 @@ class ConversionTests(PostgresTestCase):
             " FROM generate_series(1, 500) n",
         )
         self.assertEqual(await applyMigrations(self.db), [11])
-        self.store = Store(self.db, "gw-new")
 
     async def count(self, sql: str) -> int:
         return int((await self.db.runQuery("t", sql))[0][0])
