@@ -305,6 +305,9 @@ $$;
 DO $$
 DECLARE
     t text;
+    -- create_partitions sets a lock timeout for the rest of the transaction: the later
+    -- migrations of this run get theirs back.
+    timeout text := current_setting('lock_timeout');
 BEGIN
     IF EXISTS (SELECT 1 FROM inbox) OR EXISTS (SELECT 1 FROM events) THEN
         RETURN;
@@ -316,5 +319,6 @@ BEGIN
         EXECUTE format('DROP TABLE %I', t || '_unpartitioned');
         PERFORM create_partitions(t, interval '1 day', 2);
     END LOOP;
+    PERFORM set_config('lock_timeout', timeout, true);
 END
 $$;
