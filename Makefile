@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TESTS ?= tests
 CONFIG ?= etc/ctrlgw.ini
 
-.PHONY: run test install lint bench clean mutate model
+.PHONY: run test install lint bench bench-partitions clean mutate model
 
 # Dependencies, installed once per change of the package metadata or the pins.  The bench
 # extras are in too: the test suite runs the benchmark's smoke mode (tests/test_bench_smoke.py).
@@ -31,6 +31,10 @@ test: install
 # BENCH_ARGS="--smoke" for a tiny check run (under var/), "--help" for every knob.
 bench: install
 	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+
+# Inbound with retention running: time partitions against DELETE (bench/partitions.py).
+bench-partitions: install
+	$(BIN)/python bench/partitions.py $(BENCH_ARGS)
 
 # Mutation testing of the ownership, inbox and outbox core (docs/testing.md, "Mutation
 # testing"): incremental, cached in var/mutate/; writes docs/mutation/survivors.txt.

@@ -464,10 +464,11 @@ async def scenarioBacklog(ctx: Context, gw: GatewayProcess) -> tuple[dict[str, A
 _PROGRESS = re.compile(r"connected (\d+)\s+msgs/s (\d+)\s+acks/s (\d+)")
 
 
-async def scenarioInbound(ctx: Context, gw: GatewayProcess) -> tuple[dict[str, Any], dict[str, Any]]:
+async def scenarioInbound(ctx: Context, gw: GatewayProcess, *others: GatewayProcess) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     `ctrlgw sim` as a subprocess (its pacer at a rate above the target); acks/s from its
-    per-second progress lines once the whole fleet is connected.
+    per-second progress lines once the whole fleet is connected.  With C{others}, the
+    controllers are spread over every instance (bench/partitions.py).
     """
     sizes = ctx.sizes
     lines: list[tuple[int, int, int]] = []
@@ -479,7 +480,7 @@ async def scenarioInbound(ctx: Context, gw: GatewayProcess) -> tuple[dict[str, A
 
     raw = os.path.join(ctx.workdir, f"inbound-{uuid.uuid4().hex[:6]}.json")
     out = await runProcess([
-        CTRLGW, "sim", f"127.0.0.1:{gw.port}", "-n", str(sizes.inboundControllers),
+        CTRLGW, "sim", *(f"127.0.0.1:{g.port}" for g in (gw, *others)), "-n", str(sizes.inboundControllers),
         "--prefix", ctx.prefix("in"), "--rate", str(sizes.inboundRate),
         "--duration", str(sizes.inboundSeconds), "--procs", str(sizes.inboundProcs),
         "--window", str(sizes.inboundWindow), "--json", raw,

@@ -334,6 +334,12 @@ def render(result: dict[str, Any], docs: str) -> str:
 
     section("stream", "7. Application stream", section_stream)
 
+    # Written by bench/partitions.py (make bench-partitions), from its own run.
+    partitions = os.path.join(docs, "bench", "partitions.md")
+    if os.path.exists(partitions):
+        with open(partitions) as f:
+            out.append("\n" + f.read())
+
     out.append("\n## Plots\n\n")
     for name, caption in made:
         out.append(f"![{caption}](bench/{name})\n\n")

@@ -27,7 +27,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError
 from twisted.internet.task import deferLater
 
-from ctrlgw import kick, sim
+from ctrlgw import kick, partitions, sim
 from ctrlgw.api import isoTime, presenceJson
 from ctrlgw.auth import hashToken, newToken
 from ctrlgw.config import ConfigError, Overrides, loadConfig, parseDuration, parseIdentifier
@@ -219,6 +219,7 @@ def makeParser() -> argparse.ArgumentParser:
     sim.addArguments(simParser)
     simParser.set_defaults(handler=None, needsSchema=False)
     _addOperations(commands, after)
+    _addPartition(commands, after)
     return parser
 
 
@@ -276,6 +277,56 @@ async def _drain(ctx: Context) -> int:
         await deferLater(ctx.db.clock, 0.2, lambda: None)
         waited += 0.2
     ctx.out.write(f"instance {instance} {'drained' if state is not None else 'has exited'}\n")
+    return EXIT_OK
+
+
+# --- time partitions (ctrlgw/partitions.py, docs/scaling.md) ---
+
+
+def _addPartition(commands: Any, after: list[argparse.ArgumentParser]) -> None:
+    parser = commands.add_parser(
+        "partition", parents=after,
+        help="partition inbox and events by time, keeping their rows (live; see docs/scaling.md)",
+    )
+    parser.add_argument("--table", choices=["inbox", "events", "all"], default="all",
+                        help="which table (default: all)")
+    parser.add_argument("--within", type=_duration, default=86400.0,
+                        help="the old table takes rows until the first partition boundary at"
+                        " least this far ahead; validation and swap must finish by then"
+                        " (default: 1d)")
+    parser.add_argument("--abort", action="store_true",
+                        help="undo an unfinished conversion (before its swap)")
+    parser.add_argument("--force", action="store_true",
+                        help="convert although live instances run code older than migration 11")
+    parser.set_defaults(handler=_partition, needsSchema=True, partition_hours=None,
+                        partitions_ahead=None)
+
+
+async def _partition(ctx: Context) -> int:
+    tables = ["inbox", "events"] if ctx.args.table == "all" else [ctx.args.table]
+    if ctx.args.abort:
+        for table in tables:
+            undone = await ctx.store.partitionAbort(table)
+            ctx.out.write(f"{table}: {'conversion undone' if undone else 'nothing to undo'}\n")
+        return EXIT_OK
+    outdated = await ctx.store.outdatedInstances(ctx.args.instance_ttl)
+    if outdated and not ctx.args.force:
+        raise CommandFailed(
+            f"live instances run code older than migration 11 (their inbox writes need an"
+            f" unpartitioned inbox): {', '.join(outdated)}; upgrade them first, or --force"
+        )
+
+    def say(line: str) -> None:
+        ctx.out.write(line + "\n")
+        ctx.out.flush()
+
+    for table in tables:
+        done = await partitions.convert(
+            ctx.db.clock, ctx.store, table, ctx.args.partition_hours * 3600.0,
+            ctx.args.partitions_ahead, ctx.args.within, say,
+        )
+        if not done:
+            say(f"{table}: already partitioned")
     return EXIT_OK
 
 
@@ -367,6 +418,10 @@ async def _execute(reactor: Any, args: argparse.Namespace, out: TextIO, err: Tex
             raise ConfigError("command line", None, "--schema", str(e)) from None
     if getattr(args, "ttl", 0) is None:
         args.ttl = config.outbox.default_ttl
+    if getattr(args, "partition_hours", 0) is None:
+        args.partition_hours = config.retention.partition_hours
+        args.partitions_ahead = config.retention.partitions_ahead
+        args.instance_ttl = config.cluster.instance_ttl
     controller = getattr(args, "controller", None)
     if controller is not None and not CONTROLLER_ID.fullmatch(controller):
         raise CommandFailed(

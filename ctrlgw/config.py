@@ -103,6 +103,16 @@ def inRange(
     return parseBounded
 
 
+def partitionHours(raw: str) -> int:
+    """
+    Hours per time partition: a divisor of 24, so partitions align on days.
+    """
+    value = parseInt(raw)
+    if value not in (1, 2, 3, 4, 6, 8, 12, 24):
+        raise ValueError(f"expected a divisor of 24 (1, 2, 3, 4, 6, 8, 12, 24), got {raw.strip()!r}")
+    return value
+
+
 def orInherit(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     """
     C{parse}, or C{None} for an empty value: the setting is inherited.
@@ -253,6 +263,9 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("inbox_days", inRange(parseInt, 1, 36500), "30"),
         Key("prune_interval", inRange(parseDuration, 1, 86400), "1h"),
         Key("prune_batch", inRange(parseInt, 1, 1_000_000), "5000"),
+        # Time partitions of inbox and events (docs/scaling.md).
+        Key("partition_hours", partitionHours, "24"),
+        Key("partitions_ahead", inRange(parseInt, 1, 366), "3"),
     ),
     # The application stream (docs/consuming.md).
     "stream": (
@@ -431,6 +444,8 @@ class RetentionConfig:
     inbox_days: int
     prune_interval: float
     prune_batch: int
+    partition_hours: int
+    partitions_ahead: int
 
 
 @dataclass(frozen=True)

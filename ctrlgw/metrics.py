@@ -342,3 +342,25 @@ class Metrics:
             "ctrlgw_stream_retention_deleted_total", "Stream entries removed by retention.",
             registry=r,
         )
+
+        # Time partitions of inbox and events (ctrlgw/partitions.py, docs/scaling.md).
+        self.partitionsCreated = Counter(
+            "ctrlgw_partitions_added_total",
+            "Time partitions this instance created ahead, by table.", ["table"], registry=r,
+        )
+        self.partitionsDropped = Counter(
+            "ctrlgw_partitions_dropped_total",
+            "Time partitions this instance dropped whole (retention), by table.", ["table"],
+            registry=r,
+        )
+        self.partitionsAhead = Gauge(
+            "ctrlgw_partitions_ahead_seconds",
+            "How far past now the table's partitions reach (the newest upper bound), as of the"
+            " last partition job; inserts past it fail.",
+            ["table"],
+            registry=r,
+        )
+        self.partitionsCount = Gauge(
+            "ctrlgw_partitions", "Time partitions the table has, as of the last partition job.",
+            ["table"], registry=r,
+        )

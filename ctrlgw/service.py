@@ -48,6 +48,7 @@ from ctrlgw.kick import Kicks
 from ctrlgw.metrics import Metrics
 from ctrlgw.outbox import Outbox, commandsChannel
 from ctrlgw.ownership import EventLog, PostgresOwnership
+from ctrlgw.partitions import PartitionJob
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.connection import ConnectionContext
 from ctrlgw.protocol.factory import ControllerFactory
@@ -626,7 +627,9 @@ class Gateway:
                 refuseFlapping=cluster.flap_policy == "refuse",
                 instanceTtl=cluster.instance_ttl,
             ),
+            dedupeWindow=config.retention.partition_hours * 3600.0,
         )
+        self.partitions = PartitionJob(self.store, self.metrics, config.retention)
         self.events = EventLog(reactor, self.store, self.metrics)
         self.ownership = PostgresOwnership(
             reactor, self.store, self.events, config.auth, self.metrics, admitting=False
@@ -742,6 +745,9 @@ class Gateway:
             ),
             PeriodicService("retention", reactor, config.retention.prune_interval, self._prune),
             PeriodicService(
+                "partitions", reactor, config.retention.prune_interval, self._partitions
+            ),
+            PeriodicService(
                 "stream-retention", reactor, config.stream.retain_interval,
                 self.streamRetention.run,
             ),
@@ -792,6 +798,11 @@ class Gateway:
             return False, "not measured yet"
         limit = self.config.timestamps.max_instance_skew
         return abs(self.instanceSkew) <= limit, f"skew {self.instanceSkew:+.3f}s, limit {limit:g}s"
+
+    async def _partitions(self) -> None:
+        # The first run waits for the schema (migration 11 holds the functions).
+        await self.membership.whenJoined()
+        await self.partitions.run()
 
     async def _prune(self) -> None:
         retention = self.config.retention

@@ -112,3 +112,36 @@ class BenchSmokeTests(TestCase):
         self.assertEqual(len(plots), 4)
         for plot in plots:
             self.assertGreater(os.path.getsize(os.path.join(out, plot)), 1000, plot)
+
+
+class PartitionsBenchSmokeTests(TestCase):
+    timeout = 300
+
+    async def test_smoke(self) -> None:
+        """
+        C{bench/partitions.py --smoke}: every mode ran the fleet with retention running;
+        with partitions every old row is gone, with DELETE the rows removed are counted.
+        """
+        argv = [os.path.join(ROOT, "bench", "partitions.py"), "--smoke"]
+        if os.environ.get("CTRLGW_TEST_DSN"):
+            argv += ["--dsn", os.environ["CTRLGW_TEST_DSN"]]
+        stdout, stderr, code = await getProcessOutputAndValue(
+            sys.executable, argv, env=dict(os.environ), path=ROOT
+        )
+        self.assertEqual(code, 0, stderr.decode(errors="replace")[-4000:])
+        with open(os.path.join(ROOT, "var", "bench-partitions-smoke.json")) as f:
+            result = json.load(f)
+        modes = {m["mode"]: m for m in result["modes"]}
+        self.assertEqual(set(modes), {"delete", "partitions", "partitions3"})
+        for mode in modes.values():
+            self.assertGreater(mode["acked"], 0)
+            self.assertTrue(isNumber(mode["per_second"]) and isNumber(mode["wal_mb"]))
+            self.assertEqual(mode["unanswered"], 0)
+        self.assertEqual(modes["partitions3"]["instances"], 3)
+        self.assertEqual(modes["partitions"]["old_rows_left"], 0)
+        self.assertGreater(modes["partitions"]["partitions_dropped"], 0)
+        self.assertEqual(modes["delete"]["partitions_dropped"], 0)
+        self.assertEqual(
+            modes["delete"]["pruned_rows"], modes["delete"]["old_rows"] - modes["delete"]["old_rows_left"]
+        )
+        self.assertIn(b"| partitions3 | 3 |", stdout)

@@ -191,7 +191,8 @@ class AlertRuleTests(SynchronousTestCase):
         self.assertEqual(
             {rule["alert"] for rule in rules},
             {"CtrlgwInstanceNotReady", "CtrlgwDatabaseDown", "CtrlgwDatabaseErrors",
-             "CtrlgwClockSkew", "CtrlgwCommandQueueGrowing", "CtrlgwFlappingControllers"},
+             "CtrlgwClockSkew", "CtrlgwCommandQueueGrowing", "CtrlgwFlappingControllers",
+             "CtrlgwConsumerGroupFallingBehind", "CtrlgwPartitionsNotAhead"},
         )
         for rule in rules:
             self.assertEqual(unknownReferences(str(rule["expr"])), [], rule["alert"])
@@ -206,7 +207,7 @@ class AlertRuleTests(SynchronousTestCase):
             ["promtool", "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60
         )
         self.assertEqual(check.returncode, 0, check.stdout + check.stderr)
-        self.assertIn("SUCCESS: 6 rules found", check.stdout)
+        self.assertIn("SUCCESS: 8 rules found", check.stdout)
         test = subprocess.run(
             ["promtool", "test", "rules", str(RULE_TESTS)], capture_output=True, text=True,
             timeout=60,

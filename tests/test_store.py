@@ -352,6 +352,10 @@ class EventTests(StoreTestCase):
 
 
 class PruneTests(StoreTestCase):
+    # Row-by-row retention, as an unpartitioned database (or its legacy partition) has it;
+    # partitions drop whole (tests.test_partitions).
+    unpartitioned = True
+
     @deferred
     async def test_prune(self) -> None:
         """

@@ -74,7 +74,7 @@ class PluginTests(SynchronousTestCase):
         # The start order (stopping runs it backwards): the listeners last.
         self.assertEqual(names, [
             "gc", "database", "http", "membership", "writers", "clock-check", "retention",
-            "stream-retention", "heartbeat", "reconcile", "outbox-poll", "connections", "listener:main",
+            "partitions", "stream-retention", "heartbeat", "reconcile", "outbox-poll", "connections", "listener:main",
         ])
 
 

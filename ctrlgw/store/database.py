@@ -229,7 +229,9 @@ def withDeadline(d: Deferred[T], seconds: float, clock: IReactorTime) -> Deferre
 
 
 def _isConnectionError(e: BaseException) -> bool:
-    if isinstance(e, sqlstate.QueryCanceled):
+    # A lock not granted (lock_timeout, NOWAIT) is an OperationalError too, on a sound
+    # connection.
+    if isinstance(e, sqlstate.QueryCanceled | sqlstate.LockNotAvailable):
         return False
     return isinstance(e, _CONNECTION_ERRORS) and not isinstance(e, _RETRYABLE)
 

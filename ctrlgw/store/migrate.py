@@ -47,14 +47,15 @@ def _lockKey(schema: str) -> str:
     return f"ctrlgw.migrate.{schema}"
 
 
-async def applyMigrations(db: Database) -> list[int]:
+async def applyMigrations(db: Database, upTo: int | None = None) -> list[int]:
     """
-    Apply every pending migration to C{db.schema}.
+    Apply every pending migration to C{db.schema} (only those up to version C{upTo} if
+    given: tests build a database of an older version so).
 
     @return: the versions applied now (empty when already current).
     """
     schema = db.schema
-    pending = migrations()
+    pending = [m for m in migrations() if upTo is None or m.version <= upTo]
 
     def interaction(cursor: Any) -> Any:
         applied: list[int] = []

@@ -18,6 +18,7 @@ from psycopg2 import DataError, IntegrityError
 from ctrlgw.client import Entry
 from ctrlgw.interfaces import Fenced
 from ctrlgw.store.database import Database, Prepared
+from ctrlgw.store.migrate import latestVersion
 
 
 def rejectsRow(error: BaseException) -> bool:
@@ -81,6 +82,8 @@ class SessionRow:
 
 
 STORED = "stored"
+# Tables partitioned by time (migration 11).
+PARTITIONED = ("inbox", "events")
 DUPLICATE = "duplicate"
 
 _WRITE_INBOX = """
@@ -97,11 +100,19 @@ WITH batch AS (
     FOR KEY SHARE OF s
 ), inserted AS (
     INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch, body)
-    SELECT controller_id, message_id, to_timestamp(device_ts / 1000.0), %s, epoch, body::jsonb
-    FROM current
+    SELECT c.controller_id, c.message_id, to_timestamp(c.device_ts / 1000.0), %s, c.epoch,
+           c.body::jsonb
+    FROM current c
+    -- Dedupe (docs/scaling.md): the unique key (controller_id, message_id) of the partition
+    -- the row lands in arbitrates (no conflict target: a partitioned inbox has no such key
+    -- of its own), and this look-up covers the partition span before it.
+    WHERE NOT EXISTS (
+        SELECT 1 FROM inbox i
+        WHERE i.controller_id = c.controller_id AND i.message_id = c.message_id
+          AND i.received_at >= now() - make_interval(secs => %s))
     -- inbox.id follows arrival order, within a batch as across batches.
-    ORDER BY arrival
-    ON CONFLICT (controller_id, message_id) DO NOTHING
+    ORDER BY c.arrival
+    ON CONFLICT DO NOTHING
     RETURNING controller_id, message_id
 )
 SELECT c.controller_id, c.message_id, i.message_id IS NOT NULL
@@ -166,9 +177,10 @@ WITH cleaned AS (
     WHERE instance_id = %(instance)s AND online
     RETURNING 1
 ), registered AS (
-    INSERT INTO instances (instance_id, host, pid) VALUES (%(instance)s, %(host)s, %(pid)s)
+    INSERT INTO instances (instance_id, host, pid, schema_version)
+    VALUES (%(instance)s, %(host)s, %(pid)s, %(schema)s)
     ON CONFLICT (instance_id) DO UPDATE SET started_at = now(), heartbeat_at = now(),
-        host = EXCLUDED.host, pid = EXCLUDED.pid
+        host = EXCLUDED.host, pid = EXCLUDED.pid, schema_version = EXCLUDED.schema_version
 )
 SELECT count(*) FROM cleaned
 """
@@ -452,10 +464,19 @@ class Store:
     ctrlgw's queries against one L{Database}, on behalf of instance C{instance}.
     """
 
-    def __init__(self, db: Database, instance: str, policy: ClaimPolicy = ClaimPolicy()) -> None:
+    def __init__(
+        self,
+        db: Database,
+        instance: str,
+        policy: ClaimPolicy = ClaimPolicy(),
+        dedupeWindow: float = 86400.0,
+    ) -> None:
         self.db = db
         self.instance = instance
         self.policy = policy
+        # How far back (seconds) the inbox write looks for a message stored in an earlier
+        # partition: one partition span ([retention] partition_hours).
+        self.dedupeWindow = dedupeWindow
 
     async def writeInbox(self, rows: Sequence[InboxRow]) -> list[object]:
         """
@@ -474,6 +495,7 @@ class Store:
                 [r.epoch for r in rows],
                 [json.dumps(r.body) for r in rows],
                 self.instance,
+                self.dedupeWindow,
             ),
         )
         outcome = {(c, m): STORED if ins else DUPLICATE for c, m, ins in result}
@@ -549,7 +571,7 @@ class Store:
         rows = await self.db.runQuery(
             "instance_register",
             _REGISTER_INSTANCE,
-            {"instance": self.instance, "host": host, "pid": pid},
+            {"instance": self.instance, "host": host, "pid": pid, "schema": latestVersion()},
         )
         return int(rows[0][0])
 
@@ -671,6 +693,14 @@ class Store:
         """
         Delete up to C{batch} rows of C{table} older than C{days}; returns how many.
         """
+        if table in PARTITIONED:
+            # Partitions drop whole (ctrlgw.partitions); rows go one by one only from the
+            # table while it is not partitioned, or from its legacy partition.
+            target = await self.pruneTarget(table)
+            if target is None:
+                return 0
+        else:
+            target = table
         key, condition = {
             "events": ("id", "at < now() - make_interval(days => %s)"),
             "inbox": ("id", "received_at < now() - make_interval(days => %s)"),
@@ -684,12 +714,113 @@ class Store:
         }[table]
         rows = await self.db.runQuery(
             f"prune_{table}",
-            f"WITH doomed AS (SELECT {key} FROM {table} WHERE {condition}"
+            f"WITH doomed AS (SELECT {key} FROM {target} WHERE {condition}"
             f" LIMIT %s FOR UPDATE SKIP LOCKED)"
-            f" DELETE FROM {table} t USING doomed WHERE t.{key} = doomed.{key} RETURNING 1",
+            f" DELETE FROM {target} t USING doomed WHERE t.{key} = doomed.{key} RETURNING 1",
             (days, batch),
         )
         return len(rows)
+
+    # --- time partitions (migration 11, ctrlgw/partitions.py) ---
+
+    async def pruneTarget(self, table: str) -> str | None:
+        rows = await self.db.runQuery("prune_target", "SELECT prune_target(%s)", (table,))
+        return None if rows[0][0] is None else str(rows[0][0])
+
+    async def createPartitions(self, table: str, span: float, ahead: int) -> int:
+        """
+        Partitions of C{span} seconds covering now to C{ahead} spans past the current one;
+        returns how many were created (0 when they exist, or the table is not partitioned).
+        """
+        rows = await self.db.runQuery(
+            "partitions_create",
+            "SELECT create_partitions(%s, make_interval(secs => %s), %s)",
+            (table, span, ahead),
+        )
+        return int(rows[0][0])
+
+    async def dropPartitions(self, table: str, days: int) -> list[str]:
+        """
+        Drop C{table}'s partitions wholly older than C{days}; returns their names.
+        """
+        rows = await self.db.runQuery(
+            "partitions_drop",
+            "SELECT drop_partitions(%s, make_interval(days => %s))",
+            (table, days),
+        )
+        return [str(name) for (name,) in rows]
+
+    async def isPartitioned(self, table: str) -> bool:
+        rows = await self.db.runQuery("is_partitioned", "SELECT is_partitioned(%s)", (table,))
+        return bool(rows[0][0])
+
+    async def partitionBegin(self, table: str, span: float, within: float) -> str:
+        """
+        Conversion step 1: the bound (the first span boundary at least C{within} seconds
+        ahead, or the one an interrupted run chose), as text.
+        """
+        rows = await self.db.runQuery(
+            "partition_begin",
+            "SELECT partition_begin(%(t)s, date_bin(make_interval(secs => %(span)s),"
+            " now() + make_interval(secs => %(within)s), timestamptz '2000-01-01 00:00:00+00')"
+            " + make_interval(secs => %(span)s))::text",
+            {"t": table, "span": span, "within": within},
+        )
+        return str(rows[0][0])
+
+    async def partitionValidate(self, table: str) -> None:
+        """
+        Conversion step 2, on a connection of its own with no statement timeout: it scans
+        the whole table (writes go on meanwhile).
+        """
+        conn = await self.db.connect()
+        try:
+            await conn.runOperation("SET statement_timeout = 0")
+            await conn.runOperation("SELECT partition_validate(%s)", (table,))
+        finally:
+            conn.close()
+
+    async def partitionSwap(self, table: str, span: float, ahead: int) -> None:
+        await self.db.runOperation(
+            "partition_swap",
+            "SELECT partition_swap(%s, make_interval(secs => %s), %s)",
+            (table, span, ahead),
+        )
+
+    async def partitionAbort(self, table: str) -> bool:
+        rows = await self.db.runQuery("partition_abort", "SELECT partition_abort(%s)", (table,))
+        return bool(rows[0][0])
+
+    @staticmethod
+    def isLockTimeout(e: BaseException) -> bool:
+        return getattr(e, "pgcode", None) == "55P03"
+
+    async def outdatedInstances(self, ttl: float) -> list[str]:
+        """
+        Live instances (heartbeat within C{ttl} seconds) whose code predates migration 11.
+        """
+        rows = await self.db.runQuery(
+            "instances_outdated",
+            "SELECT instance_id FROM instances"
+            " WHERE heartbeat_at > now() - make_interval(secs => %s)"
+            " AND coalesce(schema_version, 0) < 11 ORDER BY instance_id",
+            (ttl,),
+        )
+        return [str(i) for (i,) in rows]
+
+    async def partitionsCover(self, table: str) -> tuple[int, float | None]:
+        """
+        (partitions, seconds from now to the newest one's upper bound); the seconds are
+        None when the table is not partitioned.
+        """
+        rows = await self.db.runQuery(
+            "partitions_cover",
+            "SELECT partitions, extract(epoch FROM until - now())::float8"
+            " FROM partitions_cover(%s)",
+            (table,),
+        )
+        count, ahead = rows[0]
+        return int(count), None if ahead is None else float(ahead)
 
     # --- the command outbox ---
 
