@@ -695,7 +695,8 @@ async def scenarioStreamLatency(ctx: Context, gw: GatewayProcess) -> tuple[dict[
     latencies: list[float] = []
     # A group that starts at the end of the stream: created, then its cursor moved.
     await ctx.query(f"SELECT ctrlgw.read_stream('{group}', 1)")
-    await streamExecute(ctx, f"DELETE FROM ctrlgw.stream_pending WHERE group_name = '{group}'")
+    await streamExecute(ctx, f"DELETE FROM ctrlgw.stream_held WHERE group_name = '{group}'")
+    await streamExecute(ctx, f"DELETE FROM ctrlgw.stream_leases WHERE group_name = '{group}'")
     await streamExecute(ctx, "UPDATE ctrlgw.stream_groups g SET cursor_xid = s.xid, cursor_position = s.position"
                     " FROM (SELECT xid, position FROM ctrlgw.stream ORDER BY xid DESC, position DESC LIMIT 1) s"
                     f" WHERE g.group_name = '{group}'")
