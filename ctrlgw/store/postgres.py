@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from psycopg2 import DataError, IntegrityError
+from twisted.internet.defer import ensureDeferred
 
 from ctrlgw.client import READ_COLUMNS, Entry, entries
 from ctrlgw.interfaces import Fenced
@@ -84,8 +85,13 @@ STORED = "stored"
 DUPLICATE = "duplicate"
 
 _WRITE_INBOX = """
-WITH batch AS (
-    SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
+WITH quiet AS MATERIALIZED (
+    -- The stream's notification is sent after the commit, not in it (migration 12,
+    -- L{StreamRing}).
+    SELECT set_config('ctrlgw.stream_ring', 'after', true)
+), batch AS (
+    SELECT b.* FROM quiet,
+        unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
         WITH ORDINALITY AS b(controller_id, message_id, device_ts, epoch, body, arrival)
 ), current AS (
     -- Fencing: only messages of a controller's current session are stored.  The key-share
@@ -439,6 +445,43 @@ class Reply:
     current: bool
 
 
+class StreamRing:
+    """
+    The stream's notification for the inbox flushes, sent once they have committed
+    (migration 12: in the flush's own transaction it serialized the commits).  One at a
+    time: a flush that commits while one is on its way gets one more after it, so every
+    flush is followed by a notification sent after its commit, and a busy inbox sends at
+    most one per round trip, not one per flush.  A lost one (the database away) only
+    leaves readers to their timeout; its error is counted under C{stream_ring}.
+    """
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._sending = False
+        self._again = False
+
+    def ring(self) -> None:
+        if self._sending:
+            self._again = True
+            return
+        self._sending = True
+        ensureDeferred(self._send())
+
+    async def _send(self) -> None:
+        try:
+            again = True
+            while again:
+                self._again = False
+                await self.db.runOperation(
+                    "stream_ring", "SELECT pg_notify(current_schema() || '_stream', '')"
+                )
+                again = self._again
+        except Exception:
+            pass  # counted by the database (ctrlgw_db_query_errors_total)
+        finally:
+            self._sending = False
+
+
 class Store:
     """
     ctrlgw's queries against one L{Database}, on behalf of instance C{instance}.
@@ -448,6 +491,7 @@ class Store:
         self.db = db
         self.instance = instance
         self.policy = policy
+        self.streamRing = StreamRing(db)
 
     async def writeInbox(self, rows: Sequence[InboxRow]) -> list[object]:
         """
@@ -468,6 +512,8 @@ class Store:
                 self.instance,
             ),
         )
+        if any(ins for _, _, ins in result):
+            self.streamRing.ring()
         outcome = {(c, m): STORED if ins else DUPLICATE for c, m, ins in result}
         fenced = Fenced("session superseded")
         return [outcome.get((r.controller, r.messageId), fenced) for r in rows]
