@@ -295,6 +295,31 @@ class BatchLeaseTests(StreamTestCase):
         self.assertEqual((await self.rows("stream_leases"), await self.rows("stream_pending")), (0, 0))
 
     @deferred
+    async def test_anEmptyReadTakesNoLock(self) -> None:
+        """
+        A read with nothing to hand out returns without the group's row lock: a reader
+        holding it (mid-read) does not make an idle reader wait.  With something to hand
+        out, the read takes the lock (and waits for it).
+        """
+        lock = "SELECT 1 FROM stream_groups WHERE group_name = 'app' FOR UPDATE"
+        await self.message("A", "a1")
+        (entry,) = await self.store.readStream("app", 10, 30)
+        holder = await self.transaction(lock)
+        # Leased and unacked, or acked: nothing to hand out either way.
+        self.assertEqual(await self.store.readStream("app", 10, 30), [])
+        await self.store.ackStream("app", [entry.entry_id])
+        self.assertEqual(await self.store.readStream("app", 10, 30), [])
+        await holder.runOperation("COMMIT")
+        # (Written before the holder takes the lock: below the horizon while it holds it.)
+        await self.message("A", "a2")
+        holder = await self.transaction(lock)
+        waiting = Deferred.fromCoroutine(self.store.readStream("app", 10, 30))
+        await sleep(0.3)
+        self.assertFalse(waiting.called)
+        await holder.runOperation("COMMIT")
+        self.assertEqual(ids(await waiting), ["a2"])
+
+    @deferred
     async def test_aPartialAckKeepsTheRestLeased(self) -> None:
         """
         Acking part of a batch frees those entries' controllers at once (their next entry

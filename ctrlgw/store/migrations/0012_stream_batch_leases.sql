@@ -71,6 +71,24 @@ BEGIN
     -- transaction below it has ended, so the stream below it can no longer change.
     horizon := pg_snapshot_xmin(pg_current_snapshot());
 
+    -- Nothing to hand out: return without the group's lock, so an empty read writes
+    -- nothing (no xid, no WAL) and does not make the group's other readers wait.  The
+    -- cursor read without the lock can only be behind the real one, which makes the test
+    -- below take the locked path, never skip it wrongly.
+    SELECT * INTO g FROM stream_groups s WHERE s.group_name = p_group;
+    IF FOUND
+       AND NOT EXISTS (SELECT 1 FROM stream s
+                       WHERE (s.xid, s.position) > (g.cursor_xid, g.cursor_position)
+                         AND s.xid < horizon)
+       AND NOT EXISTS (SELECT 1 FROM stream_held h
+                       WHERE h.group_name = p_group
+                         AND (h.leased_until IS NULL OR h.leased_until <= now()))
+       AND NOT EXISTS (SELECT 1 FROM stream_leases l
+                       WHERE l.group_name = p_group AND l.leased_until <= now())
+    THEN
+        RETURN;
+    END IF;
+
     -- One reader of a group at a time: the cursor and the leases move together.
     SELECT * INTO g FROM stream_groups s WHERE s.group_name = p_group FOR UPDATE;
     IF NOT FOUND THEN
