@@ -77,9 +77,11 @@ BEGIN
     -- below take the locked path, never skip it wrongly.
     SELECT * INTO g FROM stream_groups s WHERE s.group_name = p_group;
     IF FOUND
-       AND NOT EXISTS (SELECT 1 FROM stream s
-                       WHERE (s.xid, s.position) > (g.cursor_xid, g.cursor_position)
-                         AND s.xid < horizon)
+       -- (The first key past the cursor, in index order: as NOT EXISTS, plpgsql's generic
+       -- plan scanned the whole table when there was none.)
+       AND (SELECT s.position FROM stream s
+            WHERE (s.xid, s.position) > (g.cursor_xid, g.cursor_position) AND s.xid < horizon
+            ORDER BY s.xid, s.position LIMIT 1) IS NULL
        AND NOT EXISTS (SELECT 1 FROM stream_held h
                        WHERE h.group_name = p_group
                          AND (h.leased_until IS NULL OR h.leased_until <= now()))
