@@ -320,6 +320,21 @@ class BatchLeaseTests(StreamTestCase):
         self.assertEqual(ids(await waiting), ["a2"])
 
     @deferred
+    async def test_acksOfOtherLeasesDoNotWait(self) -> None:
+        """
+        An ack locks only the leases that may hold its entries: while one consumer's ack
+        is uncommitted, another consumer of the group acks its own batch at once.
+        """
+        await self.message("A", "a1")
+        (first,) = await self.store.readStream("app", 10, 30)
+        await self.message("B", "b1")
+        (second,) = await self.store.readStream("app", 10, 30)
+        acking = await self.transaction(f"SELECT ack_stream('app', ARRAY['{first.entry_id}'])")
+        self.assertEqual(await self.store.ackStream("app", [second.entry_id]), 1)
+        await acking.runOperation("COMMIT")
+        self.assertEqual(await self.rows("stream_pending"), 0)
+
+    @deferred
     async def test_aPartialAckKeepsTheRestLeased(self) -> None:
         """
         Acking part of a batch frees those entries' controllers at once (their next entry

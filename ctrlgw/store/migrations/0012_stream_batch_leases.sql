@@ -100,10 +100,16 @@ BEGIN
 
     -- Batch leases that ran out: their entries (those retention left) become held rows
     -- with the lapsed lease, handed out again below like any other.  Leases before held
-    -- rows, as ack_stream locks them: the two never deadlock.
-    WITH lapsed AS (
-        DELETE FROM stream_leases l
+    -- rows, as ack_stream takes them.
+    WITH doomed AS (
+        -- Locked in lease order, as ack_stream locks them: the two never deadlock.
+        SELECT l.lease_id FROM stream_leases l
         WHERE l.group_name = p_group AND l.leased_until <= now()
+        ORDER BY l.lease_id
+        FOR UPDATE OF l
+    ), lapsed AS (
+        DELETE FROM stream_leases l USING doomed d
+        WHERE l.group_name = p_group AND l.lease_id = d.lease_id
         RETURNING l.leased_until, l.xids, l.positions, l.controllers
     )
     INSERT INTO stream_held (group_name, xid, position, controller_id, leased_until, deliveries)
@@ -226,8 +232,10 @@ BEGIN
                split_part(a.id, '-', 2)::bigint AS position
         FROM unnest(p_entry_ids) AS a(id)
     ), locked AS (
+        -- Only leases that may hold an acked key (one of its transactions): the acks of
+        -- the group's other consumers do not wait for this one.
         SELECT l.lease_id, l.xids, l.positions, l.controllers FROM stream_leases l
-        WHERE l.group_name = p_group
+        WHERE l.group_name = p_group AND l.xids && ARRAY(SELECT i.xid FROM ids i)
         ORDER BY l.lease_id
         FOR UPDATE OF l
     ), entries AS MATERIALIZED (
