@@ -85,12 +85,11 @@ STORED = "stored"
 DUPLICATE = "duplicate"
 
 _WRITE_INBOX = """
-WITH quiet AS MATERIALIZED (
-    -- The stream's notification is sent after the commit, not in it (migration 12,
-    -- L{StreamRing}).
-    SELECT set_config('ctrlgw.stream_ring', 'after', true)
-), batch AS (
-    SELECT b.* FROM quiet,
+WITH batch AS (
+    SELECT b.* FROM
+        -- The stream's notification is sent after the commit, not in it (migration 12,
+        -- L{StreamRing}).  Set before the insert's trigger runs, for this transaction.
+        (SELECT set_config('ctrlgw.stream_ring', 'after', true) OFFSET 0) AS quiet,
         unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
         WITH ORDINALITY AS b(controller_id, message_id, device_ts, epoch, body, arrival)
 ), current AS (
