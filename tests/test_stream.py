@@ -596,69 +596,6 @@ class ClientTests(StreamTestCase):
         self.assertEqual(ids(await self.store.readStream("app", 10, 30)), ["a2", "a3", "a4"])
 
 
-class AfterCommitRingTests(StreamTestCase):
-    @deferred
-    async def test_theGatewaysFlushRingsAfterItsCommitOthersInIt(self) -> None:
-        """
-        An insert that sets ctrlgw.stream_ring to 'after' (the gateway's flush) does not
-        notify in its transaction; any other insert into the inbox still does.
-        """
-        listener = await self.db.connect()
-        self.addCleanup(listener.close)
-        heard: list[str] = []
-        listener.addNotifyObserver(lambda n: heard.append(n.channel))
-        await listener.runOperation(f'LISTEN "{self.schema}_stream"')
-        quiet = await self.transaction("SELECT set_config('ctrlgw.stream_ring', 'after', true)",
-                                       _INSERT.format(c="A", m="quiet"))
-        await quiet.runOperation("COMMIT")
-        await listener.runOperation("SELECT 1")
-        await sleep(0.2)
-        self.assertEqual(heard, [])
-        await self.message("A", "loud")
-        await listener.runOperation("SELECT 1")
-        await sleep(0.2)
-        self.assertEqual(heard, [f"{self.schema}_stream"])
-        self.assertEqual(ids(await self.store.readStream("app", 10, 30)), ["quiet", "loud"])
-
-
-class StreamRingTests(SynchronousTestCase):
-    def setUp(self) -> None:
-        from ctrlgw.store.postgres import StreamRing
-
-        self.calls: list[Deferred[None]] = []
-
-        class Db:
-            def runOperation(db, name: str, sql: str) -> Deferred[None]:
-                self.assertEqual(name, "stream_ring")
-                self.assertIn("pg_notify", sql)
-                d: Deferred[None] = Deferred()
-                self.calls.append(d)
-                return d
-
-        self.ring = StreamRing(Db())  # type: ignore[arg-type]
-
-    def test_oneAtATimeAndOneMoreForWhatCommittedMeanwhile(self) -> None:
-        self.ring.ring()
-        self.ring.ring()
-        self.ring.ring()
-        self.assertEqual(len(self.calls), 1)
-        self.calls[0].callback(None)
-        # The flushes that committed while the first was on its way: one more, after it.
-        self.assertEqual(len(self.calls), 2)
-        self.calls[1].callback(None)
-        self.assertEqual(len(self.calls), 2)
-        self.ring.ring()
-        self.assertEqual(len(self.calls), 3)
-
-    def test_aFailureIsSwallowedAndTheNextFlushRingsAgain(self) -> None:
-        self.ring.ring()
-        self.ring.ring()
-        self.calls[0].errback(RuntimeError("database away"))
-        self.assertEqual(len(self.calls), 1)
-        self.ring.ring()
-        self.assertEqual(len(self.calls), 2)
-
-
 class NotificationFilterTests(SynchronousTestCase):
     def test_aWriteConcernsEveryGroupAnAckOnlyItsOwn(self) -> None:
         """

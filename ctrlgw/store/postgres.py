@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from psycopg2 import DataError, IntegrityError
-from twisted.internet.defer import ensureDeferred
 
 from ctrlgw.client import READ_COLUMNS, Entry, entries
 from ctrlgw.interfaces import Fenced
@@ -86,11 +85,7 @@ DUPLICATE = "duplicate"
 
 _WRITE_INBOX = """
 WITH batch AS (
-    SELECT b.* FROM
-        -- The stream's notification is sent after the commit, not in it (migration 12,
-        -- L{StreamRing}).  Set before the insert's trigger runs, for this transaction.
-        (SELECT set_config('ctrlgw.stream_ring', 'after', true) OFFSET 0) AS quiet,
-        unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
         WITH ORDINALITY AS b(controller_id, message_id, device_ts, epoch, body, arrival)
 ), current AS (
     -- Fencing: only messages of a controller's current session are stored.  The key-share
@@ -444,43 +439,6 @@ class Reply:
     current: bool
 
 
-class StreamRing:
-    """
-    The stream's notification for the inbox flushes, sent once they have committed
-    (migration 12: in the flush's own transaction it serialized the commits).  One at a
-    time: a flush that commits while one is on its way gets one more after it, so every
-    flush is followed by a notification sent after its commit, and a busy inbox sends at
-    most one per round trip, not one per flush.  A lost one (the database away) only
-    leaves readers to their timeout; its error is counted under C{stream_ring}.
-    """
-
-    def __init__(self, db: Database) -> None:
-        self.db = db
-        self._sending = False
-        self._again = False
-
-    def ring(self) -> None:
-        if self._sending:
-            self._again = True
-            return
-        self._sending = True
-        ensureDeferred(self._send())
-
-    async def _send(self) -> None:
-        try:
-            again = True
-            while again:
-                self._again = False
-                await self.db.runOperation(
-                    "stream_ring", "SELECT pg_notify(current_schema() || '_stream', '')"
-                )
-                again = self._again
-        except Exception:
-            pass  # counted by the database (ctrlgw_db_query_errors_total)
-        finally:
-            self._sending = False
-
-
 class Store:
     """
     ctrlgw's queries against one L{Database}, on behalf of instance C{instance}.
@@ -490,7 +448,6 @@ class Store:
         self.db = db
         self.instance = instance
         self.policy = policy
-        self.streamRing = StreamRing(db)
 
     async def writeInbox(self, rows: Sequence[InboxRow]) -> list[object]:
         """
@@ -511,8 +468,6 @@ class Store:
                 self.instance,
             ),
         )
-        if any(ins for _, _, ins in result):
-            self.streamRing.ring()
         outcome = {(c, m): STORED if ins else DUPLICATE for c, m, ins in result}
         fenced = Fenced("session superseded")
         return [outcome.get((r.controller, r.messageId), fenced) for r in rows]

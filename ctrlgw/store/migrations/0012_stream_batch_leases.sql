@@ -407,24 +407,3 @@ BEGIN
     RETURN deleted;
 END
 $$;
-
--- The inbox flush's notification, after its commit rather than in it.  A transaction that
--- notifies holds the database's notify lock from before its commit record until it is on
--- disk, so notifying flushes wrote their commits one at a time: with six writers, half the
--- commits per second of the same flushes without the notification (on this machine).  The
--- gateway's flush (Store.writeInbox) sets ctrlgw.stream_ring to 'after' in its statement and
--- sends the notification itself once the flush has committed (a transaction of its own,
--- with no xid: nothing to flush to disk, the lock held for a moment).  Any other insert into
--- the inbox (an application's, a test's) still rings from here.
-CREATE OR REPLACE FUNCTION stream_inbox() RETURNS trigger
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
-BEGIN
-    INSERT INTO stream (kind, controller_id, at, inbox_id)
-    SELECT 'message', n.controller_id, n.received_at, n.id
-    FROM new_rows n ORDER BY n.id;
-    IF FOUND AND current_setting('ctrlgw.stream_ring', true) IS DISTINCT FROM 'after' THEN
-        PERFORM pg_notify(current_schema() || '_stream', '');
-    END IF;
-    RETURN NULL;
-END
-$$;
