@@ -715,19 +715,48 @@ async def scenarioStreamLatency(ctx: Context, gw: GatewayProcess) -> tuple[dict[
     prefix = ctx.prefix("sl")
     group = f"l{uuid.uuid4().hex[:8]}"
     latencies: list[float] = []
+    # The same entries in two parts: the controller's ts to the entry's `at` (the inbox
+    # flush's transaction start: the gateway's share), and `at` to the callback (the flush's
+    # commit, the notification, the horizon, the read: the stream's share).
+    stored: list[float] = []
+    delivered: list[float] = []
     # A group that starts at the end of the stream: created, then its cursor moved.
     await ctx.query(f"SELECT ctrlgw.read_stream('{group}', 1)")
-    await streamExecute(ctx, f"DELETE FROM ctrlgw.stream_pending WHERE group_name = '{group}'")
+    await streamExecute(ctx, f"DELETE FROM ctrlgw.stream_held WHERE group_name = '{group}'")
+    await streamExecute(ctx, f"DELETE FROM ctrlgw.stream_leases WHERE group_name = '{group}'")
     await streamExecute(ctx, "UPDATE ctrlgw.stream_groups g SET cursor_xid = s.xid, cursor_position = s.position"
                     " FROM (SELECT xid, position FROM ctrlgw.stream ORDER BY xid DESC, position DESC LIMIT 1) s"
                     f" WHERE g.group_name = '{group}'")
 
+    # The consumer's reads: (start, end, entries) each; and per entry, `at` to the start of
+    # the read that returned it (commit, notification, horizon, the reads before it).
+    reads: list[tuple[float, float, int]] = []
+    waited: list[float] = []
+    # (xid, at, read start, callback) per entry, for the commit times below.
+    seen: list[tuple[str, float, float, float]] = []
+
     def handle(entry: Any) -> None:
         if entry.kind == "message" and entry.controller_id.startswith(prefix):
             sent = datetime.datetime.fromisoformat(entry.body["device_ts"].replace("Z", "+00:00")).timestamp()
-            latencies.append((time.time() - sent) * 1000)
+            now, at = time.time(), entry.at.timestamp()
+            latencies.append((now - sent) * 1000)
+            stored.append((at - sent) * 1000)
+            delivered.append((now - at) * 1000)
+            waited.append((reads[-1][0] - at) * 1000)
+            seen.append((entry.entry_id.partition("-")[0], at, reads[-1][0], now))
 
     consumers, running, connections = await streamConsumers(ctx, group, 1, handle, sizes.streamBatch)
+    runQuery = connections[0].runQuery
+
+    async def timedQuery(sql: str, *args: Any, **kwargs: Any) -> Any:
+        if "read_stream" not in sql:
+            return await runQuery(sql, *args, **kwargs)
+        start = time.time()
+        rows = await runQuery(sql, *args, **kwargs)
+        reads.append((start, time.time(), len(rows)))
+        return rows
+
+    connections[0].runQuery = timedQuery
     # The fleet in processes of its own (as in the inbound scenario): this one only consumes.
     out = await runProcess([
         CTRLGW, "sim", f"127.0.0.1:{gw.port}", "-n", str(sizes.streamControllers), "--prefix", prefix,
@@ -735,16 +764,42 @@ async def scenarioStreamLatency(ctx: Context, gw: GatewayProcess) -> tuple[dict[
     ])
     summary = json.loads(out)
     sent = summary["msgs"]
-    stored = (await ctx.query("SELECT count(*) FROM ctrlgw.inbox WHERE controller_id LIKE %s",
-                              (prefix + "%",)))[0][0]
-    await waitFor(lambda: len(latencies) >= stored, 60, f"{stored} stored msgs handled")
+    count = (await ctx.query("SELECT count(*) FROM ctrlgw.inbox WHERE controller_id LIKE %s",
+                             (prefix + "%",)))[0][0]
+    await waitFor(lambda: len(latencies) >= count, 60, f"{count} stored msgs handled")
     await stopConsumers(consumers, running, connections)
     # The first second warms up (connections, plans): measured from the second second on.
-    steady = latencies[int(sizes.streamRate):] or latencies
+    warm = int(sizes.streamRate)
+    steady = latencies[warm:] or latencies
+    # With track_commit_timestamp on (an external server, --dsn), where the stream's share
+    # goes: `at` -> commit (the flush transaction), commit -> the read that returned the entry
+    # (notification, horizon, reads before), read -> callback.
+    commits: dict[str, Any] = {}
+    if (await ctx.query("SELECT current_setting('track_commit_timestamp')"))[0][0] == "on":
+        xids = sorted({x for x, *_ in seen[warm:]})
+        rows = await ctx.query("SELECT x::text, extract(epoch FROM pg_xact_commit_timestamp(x::xid8::xid))"
+                               " FROM unnest(%s::text[]) x", (xids,))
+        committed = {x: float(t) for x, t in rows if t is not None}
+        parts = [((committed[x] - at) * 1000, (start - committed[x]) * 1000, (now - start) * 1000)
+                 for x, at, start, now in seen[warm:] if x in committed]
+        for i, name in enumerate(("at_commit", "commit_read", "read_callback")):
+            values = [p[i] for p in parts]
+            commits[f"{name}_p50_ms"] = percentile(values, 0.5)
+            commits[f"{name}_p99_ms"] = percentile(values, 0.99)
     ack = summary.get("msg_ack_ms") or {}
     # The same msgs' msg -> ack latency, as the controllers saw it: the inbox's share.
     return ({"rate": sizes.streamRate, "sent": sent, "handled": len(latencies),
-             **latencySummary(steady), "ack_p50_ms": ack.get("p50"), "ack_p99_ms": ack.get("p99")},
+             **latencySummary(steady), "ack_p50_ms": ack.get("p50"), "ack_p99_ms": ack.get("p99"),
+             "stored_p50_ms": percentile(stored[warm:] or stored, 0.5),
+             "stored_p99_ms": percentile(stored[warm:] or stored, 0.99),
+             "delivered_p50_ms": percentile(delivered[warm:] or delivered, 0.5),
+             "delivered_p99_ms": percentile(delivered[warm:] or delivered, 0.99),
+             "waited_p50_ms": percentile(waited[warm:] or waited, 0.5),
+             "waited_p99_ms": percentile(waited[warm:] or waited, 0.99),
+             "reads": len(reads), "empty_reads": sum(1 for r in reads if not r[2]),
+             "read_p50_ms": percentile([(r[1] - r[0]) * 1000 for r in reads if r[2]], 0.5),
+             "read_p99_ms": percentile([(r[1] - r[0]) * 1000 for r in reads if r[2]], 0.99),
+             **commits},
             {"msg_callback_ms": quantiles(steady)})
 
 

@@ -329,6 +329,10 @@ def render(result: dict[str, Any], docs: str) -> str:
             ["msg → callback p50 / p99 / max ms", f"{fmt(lat['p50_ms'])} / {fmt(lat['p99_ms'])} / {fmt(lat['max_ms'])}"],
             ["same msgs, msg → ack p50 / p99 ms (the inbox's share)",
              f"{fmt(lat.get('ack_p50_ms'))} / {fmt(lat.get('ack_p99_ms'))}"],
+            ["same msgs, msg → entry `at` (flush transaction start) p50 / p99 ms",
+             f"{fmt(lat.get('stored_p50_ms'))} / {fmt(lat.get('stored_p99_ms'))}"],
+            ["same msgs, entry `at` → callback (commit, notify, horizon, read) p50 / p99 ms",
+             f"{fmt(lat.get('delivered_p50_ms'))} / {fmt(lat.get('delivered_p99_ms'))}"],
         ]))
         out.append(verdictLines(result, "stream"))
 

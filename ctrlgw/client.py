@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -30,7 +31,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-__all__ = ["AsyncioConsumer", "Entry", "TwistedConsumer"]
+__all__ = ["AsyncioConsumer", "Entry", "TwistedConsumer", "entries"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +45,22 @@ class Entry:
     controller_id: str
     at: datetime
     body: Any
+
+
+def entries(rows: Sequence[Sequence[Any]]) -> list[Entry]:
+    """
+    Rows of C{read_stream} read with the body as text (C{body::text}, as L{READ_COLUMNS})
+    into L{Entry}s.  The batch's bodies are decoded by one C{json.loads} over all of them:
+    one call per row (a driver's jsonb decoder) was a third of a 1,000-entry read.
+    """
+    if not rows:
+        return []
+    bodies = json.loads("[" + ",".join("null" if r[4] is None else r[4] for r in rows) + "]")
+    return [Entry(r[0], r[1], r[2], r[3], body) for r, body in zip(rows, bodies, strict=True)]
+
+
+# The columns of read_stream as L{entries} takes them.
+READ_COLUMNS = "entry_id, kind, controller_id, at, body::text"
 
 
 # Whatever the callback returns is awaited when it is awaitable (a Deferred or a coroutine).
@@ -79,7 +96,7 @@ class _Loop:
         self._settle = len(SETTLE)
         s = _quote(schema)
         self.readSql = (
-            f"SELECT entry_id, kind, controller_id, at, body FROM {s}.read_stream($1, $2,"
+            f"SELECT {READ_COLUMNS} FROM {s}.read_stream($1, $2,"
             f" make_interval(secs => $3))"
         )
         self.ackSql = f"SELECT {s}.ack_stream($1, $2::text[])"
@@ -157,7 +174,7 @@ class TwistedConsumer(_Loop):
             ack = self.ackSql.replace("$1", "%s").replace("$2", "%s")
             while self.running:
                 self._rang = False
-                rows = await conn.runQuery(read, (self.group, self.batch, self.lease))
+                rows = entries(await conn.runQuery(read, (self.group, self.batch, self.lease)))
                 pause = self.pause(not rows)
                 if not rows:
                     if not self._rang and self.running:
@@ -167,8 +184,7 @@ class TwistedConsumer(_Loop):
                     continue
                 done: list[str] = []
                 try:
-                    for row in rows:
-                        entry = Entry(*row)
+                    for entry in rows:
                         result = self.callback(entry)
                         if inspect.isawaitable(result):  # a Deferred or a coroutine
                             await result
@@ -210,21 +226,13 @@ class AsyncioConsumer(_Loop):
         """
         Consume until L{stop}; raises the callback's error, or the database's.
         """
-        import json
-
         conn = self.connection
         self.running = True
-        # jsonb as Python values, as psycopg2 gives them.
-        await conn.set_type_codec(
-            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-        )
         await conn.add_listener(self.channel, self._notified)
         try:
             while self.running:
                 self._event.clear()
-                rows: Sequence[Any] = await conn.fetch(
-                    self.readSql, self.group, self.batch, self.lease
-                )
+                rows = entries(await conn.fetch(self.readSql, self.group, self.batch, self.lease))
                 pause = self.pause(not rows)
                 if not rows:
                     if self.running:
@@ -235,8 +243,7 @@ class AsyncioConsumer(_Loop):
                     continue
                 done: list[str] = []
                 try:
-                    for row in rows:
-                        entry = Entry(*row)
+                    for entry in rows:
                         result = self.callback(entry)
                         if inspect.isawaitable(result):
                             await result

@@ -273,6 +273,112 @@ class GroupTests(StreamTestCase):
         self.assertEqual(ids(await self.store.readStream("app", 10, 30)), ["a3"])
 
 
+class BatchLeaseTests(StreamTestCase):
+    """
+    Migration 12: a read's new entries are leased as one stream_leases row; an ack takes
+    keys out of it; what is left is handed out again only once the lease runs out.
+    """
+
+    async def rows(self, table: str) -> int:
+        found = await self.db.runQuery("n", f"SELECT count(*) FROM {table}")
+        return int(found[0][0])
+
+    @deferred
+    async def test_oneRowPerReadNotPerEntry(self) -> None:
+        for n in range(50):
+            await self.message(f"C{n}", f"m{n}")
+        entries = await self.store.readStream("app", 100, 30)
+        self.assertEqual(len(entries), 50)
+        self.assertEqual((await self.rows("stream_leases"), await self.rows("stream_held")), (1, 0))
+        self.assertEqual(await self.rows("stream_pending"), 50)
+        self.assertEqual(await self.store.ackStream("app", [e.entry_id for e in entries]), 50)
+        self.assertEqual((await self.rows("stream_leases"), await self.rows("stream_pending")), (0, 0))
+
+    @deferred
+    async def test_anEmptyReadTakesNoLock(self) -> None:
+        """
+        A read with nothing to hand out returns without the group's row lock: a reader
+        holding it (mid-read) does not make an idle reader wait.  With something to hand
+        out, the read takes the lock (and waits for it).
+        """
+        lock = "SELECT 1 FROM stream_groups WHERE group_name = 'app' FOR UPDATE"
+        await self.message("A", "a1")
+        (entry,) = await self.store.readStream("app", 10, 30)
+        holder = await self.transaction(lock)
+        # Leased and unacked, or acked: nothing to hand out either way.
+        self.assertEqual(await self.store.readStream("app", 10, 30), [])
+        await self.store.ackStream("app", [entry.entry_id])
+        self.assertEqual(await self.store.readStream("app", 10, 30), [])
+        await holder.runOperation("COMMIT")
+        # (Written before the holder takes the lock: below the horizon while it holds it.)
+        await self.message("A", "a2")
+        holder = await self.transaction(lock)
+        waiting = Deferred.fromCoroutine(self.store.readStream("app", 10, 30))
+        await sleep(0.3)
+        self.assertFalse(waiting.called)
+        await holder.runOperation("COMMIT")
+        self.assertEqual(ids(await waiting), ["a2"])
+
+    @deferred
+    async def test_acksOfOtherLeasesDoNotWait(self) -> None:
+        """
+        An ack locks only the leases that may hold its entries: while one consumer's ack
+        is uncommitted, another consumer of the group acks its own batch at once.
+        """
+        await self.message("A", "a1")
+        (first,) = await self.store.readStream("app", 10, 30)
+        await self.message("B", "b1")
+        (second,) = await self.store.readStream("app", 10, 30)
+        acking = await self.transaction(f"SELECT ack_stream('app', ARRAY['{first.entry_id}'])")
+        self.assertEqual(await self.store.ackStream("app", [second.entry_id]), 1)
+        await acking.runOperation("COMMIT")
+        self.assertEqual(await self.rows("stream_pending"), 0)
+
+    @deferred
+    async def test_aPartialAckKeepsTheRestLeased(self) -> None:
+        """
+        Acking part of a batch frees those entries' controllers at once (their next entry
+        goes out), while the unacked entry stays leased: handed out again only after the
+        lease, with its delivery counted.
+        """
+        for controller in "ABC":
+            await self.message(controller, f"{controller.lower()}1")
+        first = await self.store.readStream("app", 100, 0.5)
+        self.assertEqual(ids(first), ["a1", "b1", "c1"])
+        await self.message("A", "a2")
+        await self.message("C", "c2")
+        self.assertEqual(await self.store.ackStream("app", [first[0].entry_id, first[1].entry_id]), 2)
+        # a2 goes out (A is free); c2 waits behind c1, still leased.
+        self.assertEqual(ids(await self.store.readStream("app", 100, 30)), ["a2"])
+        self.assertEqual(ids(await self.store.readStream("app", 100, 30)), [])
+        # An ack of an entry no longer pending counts nothing.
+        self.assertEqual(await self.store.ackStream("app", [first[0].entry_id]), 0)
+        await sleep(0.7)
+        again = await self.store.readStream("app", 100, 30)
+        self.assertEqual(ids(again), ["c1", "c2"])
+        deliveries = await self.db.runQuery(
+            "d", "SELECT controller_id, deliveries FROM stream_pending WHERE controller_id = 'C'"
+            " ORDER BY xid, position"
+        )
+        self.assertEqual(deliveries, [("C", 2), ("C", 1)])
+        self.assertEqual(await self.store.ackStream("app", [e.entry_id for e in again]), 2)
+
+    @deferred
+    async def test_ackValidatesEveryElement(self) -> None:
+        """
+        The one match over the joined list refuses what the per-element check refused: an
+        element holding a comma (two ids in one), a null element; an empty list is fine.
+        """
+        await self.message("A", "a1")
+        (entry,) = await self.store.readStream("app", 10, 30)
+        for bad in ([entry.entry_id + ",1-2"], [entry.entry_id, None], ["1-2,"], [",1-2"], [""]):
+            with self.assertRaises(DataError, msg=repr(bad)) as caught:
+                await self.store.ackStream("app", bad)  # type: ignore[arg-type]
+            self.assertEqual(caught.exception.pgcode, "22023", repr(bad))
+        self.assertEqual(await self.store.ackStream("app", []), 0)
+        self.assertEqual(await self.store.ackStream("app", [entry.entry_id, entry.entry_id]), 1)
+
+
 class RetentionTests(StreamTestCase):
     @deferred
     async def test_keepsWhatAGroupHasNotAcked(self) -> None:

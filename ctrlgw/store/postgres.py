@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from psycopg2 import DataError, IntegrityError
 
-from ctrlgw.client import Entry
+from ctrlgw.client import READ_COLUMNS, Entry, entries
 from ctrlgw.interfaces import Fenced
 from ctrlgw.store.database import Database, Prepared
 from ctrlgw.store.migrate import latestVersion
@@ -1060,11 +1060,10 @@ class Store:
         """
         rows = await self.db.runQuery(
             "stream_read",
-            "SELECT entry_id, kind, controller_id, at, body"
-            " FROM read_stream(%s, %s, make_interval(secs => %s))",
+            f"SELECT {READ_COLUMNS} FROM read_stream(%s, %s, make_interval(secs => %s))",
             (group, limit, lease),
         )
-        return [Entry(*row) for row in rows]
+        return entries(rows)
 
     async def ackStream(self, group: str, entryIds: Sequence[str]) -> int:
         """
