@@ -651,10 +651,7 @@ class Gateway:
             metrics=self.metrics,
             maxUnacked=config.inbox.max_unacked_per_connection,
             firstPingPhase=lambda: 0.5 + random.random() / 2,
-            # Fine enough that a slot's pings are a small burst (about 33 per slot at
-            # 10,000 connections and ping_interval 15s; a 0.5s grid made it 333, a
-            # measurable tail of command latency), coarse enough to batch them.
-            pingGrid=0.05,
+            pingGrid=0.5,
         )
         self.notifications = NotificationListener(reactor, self.db, cluster.heartbeat_interval)
         self.cluster = Cluster(
