@@ -583,21 +583,19 @@ class Database:
     def runQuery(
         self, name: str, sql: str | Prepared, args: Any = None
     ) -> Deferred[list[tuple[Any, ...]]]:
-        if isinstance(sql, Prepared):
-            statement = sql
-            return ensureDeferred(self._run(name, lambda c: Deferred.fromCoroutine(
-                self._executePrepared(c, statement, args, fetch=True))))
-        return ensureDeferred(self._run(name, lambda c: c.runQuery(sql, args)))
+        return ensureDeferred(self._run(name, self._call(sql, args, fetch=True)))
 
     def runOperation(self, name: str, sql: str | Prepared, args: Any = None) -> Deferred[None]:
+        return ensureDeferred(self._run(name, self._call(sql, args, fetch=False)))
+
+    def _call(
+        self, sql: str | Prepared, args: Any, fetch: bool
+    ) -> Callable[[txpostgres.Connection], Deferred[Any]]:
         if isinstance(sql, Prepared):
-            statement = sql
-
-            async def execute(c: txpostgres.Connection) -> None:
-                await self._executePrepared(c, statement, args, fetch=False)
-
-            return ensureDeferred(self._run(name, lambda c: Deferred.fromCoroutine(execute(c))))
-        return ensureDeferred(self._run(name, lambda c: c.runOperation(sql, args)))
+            return lambda c: Deferred.fromCoroutine(self._executePrepared(c, sql, args, fetch))
+        if fetch:
+            return lambda c: c.runQuery(sql, args)
+        return lambda c: c.runOperation(sql, args)
 
     async def _executePrepared(
         self, conn: txpostgres.Connection, statement: Prepared, args: Any, fetch: bool
