@@ -43,6 +43,30 @@ FINAL_STATES = ("acked", "nacked", "expired", "failed")
 # Controllers one poll wakes at most; more wait for the next round.
 _MAX_DUE = 10_000
 
+# The share of wall time the poll's whole-backlog queries may take (the lost-NOTIFY look-up
+# and the queue-depth gauge each read every unfinished command of this instance's
+# controllers): past it, each waits longer than poll_interval before it runs again, so a
+# backlog of 100,000 commands costs the server a few percent, not a core.
+_POLL_SHARE = 0.05
+
+
+class CostBudget:
+    """
+    Whether a periodic query whose cost grows with the data may run now: after taking
+    C{seconds}, it waits at least C{seconds / share} before the next run.
+    """
+
+    def __init__(self, clock: IReactorTime, share: float) -> None:
+        self.clock = clock
+        self.share = share
+        self._notBefore = 0.0
+
+    def allows(self) -> bool:
+        return self.clock.seconds() >= self._notBefore
+
+    def spent(self, seconds: float) -> None:
+        self._notBefore = self.clock.seconds() + seconds / self.share
+
 
 def commandsChannel(schema: str) -> str:
     return f"{schema}_commands"
@@ -74,6 +98,11 @@ class Outbox:
         self._round: IDelayedCall | None = None
         self._claiming = False
         self._retries: dict[str, IDelayedCall] = {}
+        # Commands written on each controller's current session and not yet answered: at
+        # its in-flight limit, the controller's answer (or its retry timer) wakes it.
+        self._unanswered: dict[str, set[str]] = {}
+        self._dueBudget = CostBudget(clock, _POLL_SHARE)
+        self._depthBudget = CostBudget(clock, _POLL_SHARE)
         self._stopped = False
         self._settlements: BatchWriter[tuple[str, str, int, bool, str, str | None]] = BatchWriter(
             clock, self._settleBatch, batchSize=500, interval=0.002, maxBuffered=100_000,
@@ -115,6 +144,8 @@ class Outbox:
         self.wake(None if payload == "*" else payload.split(","), "notify")
 
     def sessionStarted(self, session: Session) -> None:
+        # What the last session was sent went back to pending when this one was claimed.
+        self._unanswered.pop(session.controller, None)
         self.wake([session.controller], "connect")
 
     def poll(self) -> Deferred[None]:
@@ -125,10 +156,14 @@ class Outbox:
         finished = await self.store.sweepCommands(self.config.max_attempts, 1000)
         for state in finished:
             self.metrics.commandsFinished.labels(state).inc()
-        self.wake(None, "poll")
-        depth = await self.store.queueDepth()
-        for state in ("pending", "sent"):
-            self.metrics.commandQueue.labels(state).set(depth.get(state, 0))
+        if self._dueBudget.allows():
+            self.wake(None, "poll")
+        if self._depthBudget.allows():
+            started = self.clock.seconds()
+            depth = await self.store.queueDepth()
+            self._depthBudget.spent(self.clock.seconds() - started)
+            for state in ("pending", "sent"):
+                self.metrics.commandQueue.labels(state).set(depth.get(state, 0))
 
     # --- claiming and writing ---
 
@@ -162,13 +197,19 @@ class Outbox:
                 # A dialect may allow fewer than max_inflight (OCPP: one CALL at a time).
                 limit = connection.maxInflight
                 limit = configured if limit is None else min(limit, configured)
+                # With as many written and unanswered, a claim would find nothing due: the
+                # answer wakes it (or, unanswered, its retry timer).
+                if len(self._unanswered.get(controller, ())) >= limit:
+                    continue
                 byLimit.setdefault(limit, []).append((connection.session, source))
         return byLimit
 
     async def _claimRound(self) -> None:
         if self._wakeAll is not None:
             source, self._wakeAll = self._wakeAll, None
+            started = self.clock.seconds()
             due = await self.store.dueControllers(self.config.max_attempts, _MAX_DUE)
+            self._dueBudget.spent(self.clock.seconds() - started)
             # Past _MAX_DUE, the rest wait for the next poll.
             for controller in due:
                 self._woken.setdefault(controller, source)
@@ -223,6 +264,7 @@ class Outbox:
             expired = connection.live
             self._report(command, EXPIRED_AT_WRITE if expired else NOT_WRITTEN)
             return
+        self._unanswered.setdefault(command.controller, set()).add(command.id)
         if command.attempts > 1:
             self.metrics.commandRetries.inc()
         self.metrics.enqueueToWritten.observe(max(0.0, self._databaseNow() - command.createdAt))
@@ -266,6 +308,9 @@ class Outbox:
 
         def due() -> None:
             self._retries.pop(controller, None)
+            # Unanswered past its ack timeout: the poll may wake it again (the claim this
+            # wakes notes again whatever it sends).
+            self._unanswered.pop(controller, None)
             self.wake([controller], "retry")
 
         # A little after the database's next_attempt_at, so the claim finds it due.
@@ -284,6 +329,11 @@ class Outbox:
             log.debug("{controller} answered an unknown command {ref!r}",
                       controller=session.controller, ref=ref)
             return
+        unanswered = self._unanswered.get(session.controller)
+        if unanswered is not None:
+            unanswered.discard(ref)
+            if not unanswered:
+                del self._unanswered[session.controller]
         resultJson = None if result is None else json.dumps(result)
         d = self._settlements.add((ref, session.controller, session.epoch, ok, reason, resultJson))
         d.addCallback(lambda _: self.wake([session.controller], "settle"))

@@ -18,7 +18,7 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.trial.unittest import SynchronousTestCase
 
-from ctrlgw.outbox import Outbox, commandsChannel, resultsChannel
+from ctrlgw.outbox import CostBudget, Outbox, commandsChannel, resultsChannel
 from ctrlgw.store.postgres import (
     EXPIRED_AT_WRITE,
     NOT_WRITTEN,
@@ -608,6 +608,97 @@ class OutboxBranchTests(SynchronousTestCase):
         self.assertEqual(self.value("ctrlgw_command_queue", state="pending"), 4)
         self.assertEqual(self.value("ctrlgw_command_queue", state="sent"), 0)
         self.assertEqual(self.value("ctrlgw_command_claims_total", source="poll", result="empty"), 1)
+
+    def test_atItsInflightLimitNotClaimedFor(self) -> None:
+        """
+        A controller with as many commands written and unanswered as it may have in
+        flight (2 here) is not claimed for, whatever wakes it (a claim would find nothing
+        due); it is again once it answered one, or once its ack timeout passed.
+        """
+        a, b = self.live("a"), self.live("b")
+        assert a.protocol.session is not None
+        self.store.toClaim = [[self.command(a, 1), self.command(a, 2), self.command(b, 3)]]
+        self.outbox.wake(["a", "b"], "notify")
+        self.turn()
+        self.store.due = ["a", "b"]
+        self.store.claims.clear()
+        self.outbox.poll()
+        self.turn()
+        self.outbox.doorbell("a,b")
+        self.turn()
+        self.assertEqual(self.store.claims, [[("b", self.epoch(b))], [("b", self.epoch(b))]])
+        self.store.claims.clear()
+        self.outbox.settle(a.protocol.session, COMMAND_ID.format(1), True, "")
+        self.turn()
+        self.assertEqual(self.store.claims, [[("a", self.epoch(a))]])
+        self.outbox.doorbell("a")
+        self.turn()
+        self.assertEqual(self.store.claims, [[("a", self.epoch(a))]] * 2)
+        self.store.toClaim = [[self.command(a, 4)]]
+        self.outbox.doorbell("a")
+        self.turn()
+        self.store.claims.clear()
+        self.outbox.doorbell("a")
+        self.turn()
+        self.assertEqual(self.store.claims, [])
+        # Unanswered past the ack timeout: the retry timer claims, and so may anything else.
+        self.clock.advance(self.ACK_TIMEOUT + 0.02)
+        self.assertIn(("a", self.epoch(a)), [s for claim in self.store.claims for s in claim])
+        self.store.claims.clear()
+        self.outbox.doorbell("a")
+        self.turn()
+        self.assertEqual(self.store.claims, [[("a", self.epoch(a))]])
+
+    def test_newSessionForgetsWhatTheOldOneAwaited(self) -> None:
+        a = self.live("a")
+        self.store.toClaim = [[self.command(a, 1), self.command(a, 2)]]
+        self.outbox.wake(["a"], "notify")
+        self.turn()
+        again = self.live("a")
+        assert again.protocol.session is not None
+        self.outbox.sessionStarted(again.protocol.session)
+        self.turn()
+        self.store.due = ["a"]
+        self.store.claims.clear()
+        self.outbox.poll()
+        self.turn()
+        self.assertEqual(self.store.claims, [[("a", self.epoch(again))]])
+
+    def test_pollQueriesKeepToTheirShareOfTime(self) -> None:
+        """
+        The poll's look-ups over the whole backlog (due controllers, queue depth) wait
+        their own duration divided by their share of time before they run again; the sweep
+        runs on every poll.
+        """
+        self.live("a")
+        self.store.due = ["a"]
+        slow = self.store.dueControllers
+
+        async def dueControllers(maxAttempts: int, limit: int) -> list[str]:
+            self.clock.advance(0.1)
+            return await slow(maxAttempts, limit)
+
+        self.store.dueControllers = dueControllers  # type: ignore[assignment]
+        self.outbox.poll()
+        self.turn()
+        self.assertEqual(len(self.store.dueCalls), 1)
+        self.clock.advance(1.0)
+        self.outbox.poll()
+        self.turn()
+        self.assertEqual((len(self.store.dueCalls), len(self.store.sweeps)), (1, 2))
+        self.clock.advance(0.1 / 0.05)
+        self.outbox.poll()
+        self.turn()
+        self.assertEqual((len(self.store.dueCalls), len(self.store.sweeps)), (2, 3))
+
+    def test_costBudget(self) -> None:
+        budget = CostBudget(self.clock, 0.25)
+        self.assertTrue(budget.allows())
+        budget.spent(0.5)
+        self.clock.advance(1.99)
+        self.assertFalse(budget.allows())
+        self.clock.advance(0.01)
+        self.assertTrue(budget.allows())
 
     def test_stopIdle(self) -> None:
         self.assertEqual(self.successResultOf(self.outbox.stop()), [(True, None), (True, None)])

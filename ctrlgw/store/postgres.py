@@ -249,53 +249,64 @@ EXPIRED_AT_WRITE = "expired_at_write"
 TOO_LARGE = "too_large"
 UNDELIVERABLE = "undeliverable"  # writing it failed for a reason a retry would not cure
 
+# Shaped for the generic plan a prepared statement ends up with (tests/test_plans.py): it
+# is built without the arguments, from statistics that may predate a backlog or a connect
+# storm, and then cached.  So every step reaches a table through the key the step before it
+# found, per row (a LATERAL subquery with a LIMIT is never flattened into a join the
+# planner could turn around), or through an array of ids (= ANY: an index scan); no step
+# joins two CTEs (a nested loop over both is quadratic in the batch).
 _CLAIM_COMMANDS = """
-WITH local AS (
-    SELECT * FROM unnest(%(controllers)s::text[], %(epochs)s::bigint[])
-        AS l(controller_id, epoch)
-), owned AS (
-    -- Fencing: only for sessions that are current, and ours.
-    SELECT l.controller_id, l.epoch FROM local l
-    JOIN sessions s ON s.controller_id = l.controller_id AND s.epoch = l.epoch
-                   AND s.online AND s.instance_id = %(instance)s
-), head AS (
-    -- Each controller's first max_inflight unfinished commands, in FIFO order.
-    SELECT c.id, c.state, c.next_attempt_at, c.expires_at, c.attempts, o.controller_id, o.epoch
-    FROM owned o CROSS JOIN LATERAL (
+WITH due AS MATERIALIZED (
+    -- Each session's first max_inflight unfinished commands, in FIFO order, for the
+    -- sessions that are current and ours.
+    SELECT c.id, l.controller_id, l.epoch
+    FROM unnest(%(controllers)s::text[], %(epochs)s::bigint[]) AS l(controller_id, epoch)
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM sessions s
+        WHERE s.controller_id = l.controller_id AND s.epoch = l.epoch
+          AND s.online AND s.instance_id = %(instance)s
+        LIMIT 1
+    ) current
+    CROSS JOIN LATERAL (
         SELECT id, state, next_attempt_at, expires_at, attempts FROM commands
-        WHERE controller_id = o.controller_id AND state IN ('pending', 'sent')
+        WHERE controller_id = l.controller_id AND state IN ('pending', 'sent')
         ORDER BY seq LIMIT %(maxInflight)s
     ) c
-), due AS (
-    SELECT id, controller_id, epoch FROM head
-    WHERE attempts < %(maxAttempts)s AND expires_at > now()
-      AND (state = 'pending' OR next_attempt_at <= now())
-), fenced AS (
+    WHERE c.attempts < %(maxAttempts)s AND c.expires_at > now()
+      AND (c.state = 'pending' OR c.next_attempt_at <= now())
+), locked AS (
+    SELECT c.id FROM due
     -- The fence again, for the sessions about to be sent on, under a key-share lock (only
     -- claim_session's FOR UPDATE conflicts) and at the row's latest version: a new session
     -- claimed concurrently either waits for this claim to commit, and its trigger then
     -- requeues what this claim sent, or committed first, and its session is not ours.
-    SELECT s.controller_id, s.epoch FROM sessions s
-    WHERE s.online AND s.instance_id = %(instance)s
-      AND EXISTS (SELECT 1 FROM due WHERE due.controller_id = s.controller_id
-                                      AND due.epoch = s.epoch)
-    FOR KEY SHARE OF s
-), locked AS (
+    -- Taken before the command's lock, so a claim never holds a command while it waits.
+    CROSS JOIN LATERAL (
+        SELECT 1 FROM sessions s
+        WHERE s.controller_id = due.controller_id AND s.epoch = due.epoch
+          AND s.online AND s.instance_id = %(instance)s
+        LIMIT 1
+        FOR KEY SHARE OF s
+    ) fenced
     -- The due conditions again on the locked row: under READ COMMITTED, FOR UPDATE
     -- re-checks only this WHERE on the newest version, so a command settled (or swept)
     -- since the snapshot must be refused here, not revived.
-    SELECT c.id, due.epoch FROM commands c JOIN due ON c.id = due.id
-    JOIN fenced f ON f.controller_id = due.controller_id AND f.epoch = due.epoch
-    WHERE c.state IN ('pending', 'sent') AND c.attempts < %(maxAttempts)s
-      AND c.expires_at > now() AND (c.state = 'pending' OR c.next_attempt_at <= now())
-    FOR UPDATE OF c SKIP LOCKED
+    CROSS JOIN LATERAL (
+        SELECT c.id FROM commands c
+        WHERE c.id = due.id AND c.state IN ('pending', 'sent') AND c.attempts < %(maxAttempts)s
+          AND c.expires_at > now() AND (c.state = 'pending' OR c.next_attempt_at <= now())
+        LIMIT 1
+        FOR UPDATE OF c SKIP LOCKED
+    ) c
 ), claimed AS (
     UPDATE commands c SET
-        state = 'sent', attempts = c.attempts + 1, sent_at = now(), sent_epoch = locked.epoch,
+        state = 'sent', attempts = c.attempts + 1, sent_at = now(),
+        -- The epoch the claim was asked for: locked above, so the snapshot's row has it.
+        sent_epoch = (SELECT s.epoch FROM sessions s WHERE s.controller_id = c.controller_id),
         next_attempt_at = now() + make_interval(
             secs => %(ackTimeout)s * power(%(backoff)s::float8, c.attempts)),
         last_instance = %(instance)s, detail = '', claims = c.claims + 1
-    FROM locked WHERE c.id = locked.id AND c.state IN ('pending', 'sent')
+    WHERE c.id = ANY (ARRAY(SELECT id FROM locked)) AND c.state IN ('pending', 'sent')
     RETURNING c.seq, c.id::text AS id, c.controller_id, c.body::text AS body,
         (extract(epoch FROM c.expires_at) * 1000)::bigint AS expires_ms, c.attempts,
         c.sent_epoch, extract(epoch FROM c.created_at)::float8 AS created_at, c.claims
@@ -314,7 +325,7 @@ UPDATE commands c SET
     finished_at = CASE WHEN u.outcome = 'not_written' THEN NULL ELSE now() END,
     -- Cleared once the attempt is undone, so the same report applied again matches nothing.
     sent_epoch = CASE WHEN u.outcome = 'not_written' THEN NULL ELSE c.sent_epoch END,
-    next_attempt_at = NULL, last_instance = %s,
+    next_attempt_at = NULL, last_instance = %(instance)s,
     detail = CASE WHEN u.outcome = 'not_written'
                       THEN 'not written: the connection was gone or not reading'
                   WHEN u.outcome = 'expired_at_write' AND c.attempts = 1
@@ -324,10 +335,13 @@ UPDATE commands c SET
                   WHEN u.outcome = 'undeliverable'
                       THEN coalesce(nullif(u.detail, ''), 'the gateway could not write it')
                   ELSE 'does not fit in one frame' END
-FROM unnest(%s::text[]::uuid[], %s::bigint[], %s::integer[], %s::text[], %s::text[])
+FROM unnest(%(ids)s::text[]::uuid[], %(epochs)s::bigint[], %(claims)s::integer[],
+            %(outcomes)s::text[], %(details)s::text[])
     AS u(id, epoch, claim, outcome, detail)
--- The very claim the report is about: not an earlier one, not a later one.
-WHERE c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
+-- The very claim the report is about: not an earlier one, not a later one.  (The ids
+-- twice: the join alone lets a generic plan scan every unfinished command.)
+WHERE c.id = ANY (%(ids)s::text[]::uuid[])
+  AND c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
   -- Not written, but already put back to pending because its session ended: undo the
   -- attempt all the same, it never reached the controller.
   AND (c.state = 'sent' OR (c.state = 'pending' AND u.outcome = 'not_written'))
@@ -336,11 +350,12 @@ WHERE c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
 _SETTLE_COMMANDS = """
 UPDATE commands c SET
     state = CASE WHEN s.ok THEN 'acked' ELSE 'nacked' END, finished_at = now(),
-    next_attempt_at = NULL, detail = s.reason, last_instance = %s,
+    next_attempt_at = NULL, detail = s.reason, last_instance = %(instance)s,
     result = coalesce(s.result::jsonb, c.result)
-FROM unnest(%s::text[]::uuid[], %s::text[], %s::bigint[], %s::boolean[], %s::text[], %s::text[])
+FROM unnest(%(ids)s::text[]::uuid[], %(controllers)s::text[], %(epochs)s::bigint[],
+            %(oks)s::boolean[], %(reasons)s::text[], %(results)s::text[])
     AS s(id, controller_id, epoch, ok, reason, result)
-WHERE c.id = s.id AND c.controller_id = s.controller_id AND c.state = 'sent'
+WHERE c.id = ANY (%(ids)s::text[]::uuid[]) AND c.id = s.id AND c.controller_id = s.controller_id AND c.state = 'sent'
   AND c.sent_epoch = s.epoch
 RETURNING c.id::text, c.state, extract(epoch FROM c.created_at)::float8
 """
@@ -863,14 +878,14 @@ class Store:
         await self.db.runOperation(
             "outbox_unsend",
             _UNSEND,
-            (
-                self.instance,
-                [r[0] for r in rows],
-                [r[1] for r in rows],
-                [r[2] for r in rows],
-                [r[3] for r in rows],
-                [r[4] if len(r) > 4 else "" for r in rows],
-            ),
+            {
+                "instance": self.instance,
+                "ids": [r[0] for r in rows],
+                "epochs": [r[1] for r in rows],
+                "claims": [r[2] for r in rows],
+                "outcomes": [r[3] for r in rows],
+                "details": [r[4] if len(r) > 4 else "" for r in rows],
+            },
         )
         return [None] * len(rows)
 
@@ -917,15 +932,15 @@ class Store:
         result = await self.db.runQuery(
             "outbox_settle",
             _SETTLE,
-            (
-                self.instance,
-                [r[0] for r in rows],
-                [r[1] for r in rows],
-                [r[2] for r in rows],
-                [r[3] for r in rows],
-                [r[4] for r in rows],
-                [r[5] if len(r) > 5 else None for r in rows],
-            ),
+            {
+                "instance": self.instance,
+                "ids": [r[0] for r in rows],
+                "controllers": [r[1] for r in rows],
+                "epochs": [r[2] for r in rows],
+                "oks": [r[3] for r in rows],
+                "reasons": [r[4] for r in rows],
+                "results": [r[5] if len(r) > 5 else None for r in rows],
+            },
         )
         return [(i, st, float(created)) for i, st, created in result]
 
