@@ -176,6 +176,12 @@ class Metrics:
             ["source", "result"],
             registry=r,
         )
+        self.claimsSkipped = Counter(
+            "ctrlgw_command_claims_skipped_total",
+            "Answers that claimed nothing after them: the claim that sent the command saw"
+            " no pending command behind it.",
+            registry=r,
+        )
 
         # Database.
         self.dbUp = Gauge("ctrlgw_db_up", "1 when the database answers.", registry=r)

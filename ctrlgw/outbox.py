@@ -43,6 +43,9 @@ FINAL_STATES = ("acked", "nacked", "expired", "failed")
 # Controllers one poll wakes at most; more wait for the next round.
 _MAX_DUE = 10_000
 
+# Claim rounds running at once (each on a pool connection of its own).
+_ROUNDS = 2
+
 # The share of wall time the poll's whole-backlog queries may take (the lost-NOTIFY look-up
 # and the queue-depth gauge each read every unfinished command of this instance's
 # controllers): past it, each waits longer than poll_interval before it runs again, so a
@@ -96,11 +99,16 @@ class Outbox:
         self._woken: dict[str, str] = {}  # controller -> what woke it (for metrics)
         self._wakeAll: str | None = None
         self._round: IDelayedCall | None = None
-        self._claiming = False
+        self._rounds = 0  # claim rounds running
+        self._dueLookup = False  # a round is asking the database which controllers are due
+        self._claimingFor: set[str] = set()  # controllers a running claim statement is for
         self._retries: dict[str, IDelayedCall] = {}
         # Commands written on each controller's current session and not yet answered: at
         # its in-flight limit, the controller's answer (or its retry timer) wakes it.
         self._unanswered: dict[str, set[str]] = {}
+        # Controllers whose last claim left nothing pending behind what it sent, with
+        # nothing since that could have queued more: their answers need no claim.
+        self._drained: set[str] = set()
         self._dueBudget = CostBudget(clock, _POLL_SHARE)
         self._depthBudget = CostBudget(clock, _POLL_SHARE)
         self._stopped = False
@@ -133,8 +141,14 @@ class Outbox:
         self._scheduleRound()
 
     def _scheduleRound(self) -> None:
-        # One claim round at a time; what wakes during a round waits for the next.
-        if (self._woken or self._wakeAll) and not (self._stopped or self._claiming or self._round):
+        # Up to _ROUNDS rounds at once, so a doorbell does not wait behind a long round (a
+        # poll's, a connect storm's); a controller already being claimed for waits for that
+        # claim to end.
+        if self._stopped or self._round is not None or self._rounds >= _ROUNDS:
+            return
+        if (self._wakeAll and not self._dueLookup) or any(
+            controller not in self._claimingFor for controller in self._woken
+        ):
             self._round = self.clock.callLater(0, self._startRound)
 
     def doorbell(self, payload: str) -> None:
@@ -146,6 +160,7 @@ class Outbox:
     def sessionStarted(self, session: Session) -> None:
         # What the last session was sent went back to pending when this one was claimed.
         self._unanswered.pop(session.controller, None)
+        self._drained.discard(session.controller)
         self.wake([session.controller], "connect")
 
     def poll(self) -> Deferred[None]:
@@ -169,13 +184,15 @@ class Outbox:
 
     def _startRound(self) -> None:
         self._round = None
-        self._claiming = True
+        self._rounds += 1
         d = Deferred.fromCoroutine(self._claimRound())
         d.addErrback(lambda f: log.warn("claiming commands failed: {error}", error=f.getErrorMessage()))
         d.addBoth(self._roundDone)
+        # What else is woken may go alongside.
+        self._scheduleRound()
 
     def _roundDone(self, _: object) -> None:
-        self._claiming = False
+        self._rounds -= 1
         self._scheduleRound()
 
     def _takeTargets(self) -> dict[int, list[tuple[Session, str]]]:
@@ -187,6 +204,9 @@ class Outbox:
         byLimit: dict[int, list[tuple[Session, str]]] = {}
         configured = self.config.max_inflight
         for controller, source in pending.items():
+            if controller in self._claimingFor:
+                self._woken[controller] = source  # after the claim running for it
+                continue
             connection = self.registry.lookup(controller)
             # Not one that has stopped reading: whatever was claimed for it would only be
             # reported back.  Its resumeProducing wakes it.
@@ -200,15 +220,21 @@ class Outbox:
                 # With as many written and unanswered, a claim would find nothing due: the
                 # answer wakes it (or, unanswered, its retry timer).
                 if len(self._unanswered.get(controller, ())) >= limit:
+                    # Whatever woke it may have queued more: its answer claims.
+                    self._drained.discard(controller)
                     continue
                 byLimit.setdefault(limit, []).append((connection.session, source))
         return byLimit
 
     async def _claimRound(self) -> None:
-        if self._wakeAll is not None:
+        if self._wakeAll is not None and not self._dueLookup:
             source, self._wakeAll = self._wakeAll, None
             started = self.clock.seconds()
-            due = await self.store.dueControllers(self.config.max_attempts, _MAX_DUE)
+            self._dueLookup = True
+            try:
+                due = await self.store.dueControllers(self.config.max_attempts, _MAX_DUE)
+            finally:
+                self._dueLookup = False
             self._dueBudget.spent(self.clock.seconds() - started)
             # Past _MAX_DUE, the rest wait for the next poll.
             for controller in due:
@@ -221,18 +247,37 @@ class Outbox:
         for start in range(0, len(targets), self.config.claim_batch):
             chunk = targets[start : start + self.config.claim_batch]
             started = self.clock.seconds()
-            claimed = await self.store.claimCommands(
-                [(session.controller, session.epoch) for session, _ in chunk],
-                maxInflight,
-                self.config.max_attempts,
-                self.config.ack_timeout,
-                self.config.backoff,
-            )
+            controllers = [session.controller for session, _ in chunk]
+            self._claimingFor.update(controllers)
+            try:
+                claimed = await self.store.claimCommands(
+                    [(session.controller, session.epoch) for session, _ in chunk],
+                    maxInflight,
+                    self.config.max_attempts,
+                    self.config.ack_timeout,
+                    self.config.backoff,
+                )
+            finally:
+                self._claimingFor.difference_update(controllers)
+                # Those woken while this claim ran may go now.
+                self._scheduleRound()
             self.metrics.claimSeconds.observe(self.clock.seconds() - started)
             found = {command.controller for command in claimed}
             for session, source in chunk:
                 result = "found" if session.controller in found else "empty"
                 self.metrics.claims.labels(source, result).inc()
+                if result == "empty":
+                    # What woke it may be behind a command answered but not yet settled.
+                    self._drained.discard(session.controller)
+            for command in claimed:
+                # In FIFO order: the last command of a controller says whether more wait.
+                if command.more:
+                    self._drained.discard(command.controller)
+                else:
+                    self._drained.add(command.controller)
+            if len(self._drained) > 2 * len(self.registry) + 1000:
+                # Mostly controllers long gone: forgetting only costs a claim each.
+                self._drained.clear()
             for command in claimed:
                 # Everything claimed is written or reported back, whatever one row does.
                 try:
@@ -334,11 +379,22 @@ class Outbox:
             unanswered.discard(ref)
             if not unanswered:
                 del self._unanswered[session.controller]
+                # Nothing written is left to retry: the answer's own wake claims what follows.
+                retry = self._retries.pop(session.controller, None)
+                if retry is not None and retry.active():
+                    retry.cancel()
         resultJson = None if result is None else json.dumps(result)
         d = self._settlements.add((ref, session.controller, session.epoch, ok, reason, resultJson))
-        d.addCallback(lambda _: self.wake([session.controller], "settle"))
+        d.addCallback(lambda _: self._answered(session.controller))
         d.addErrback(lambda f: log.warn("could not settle command {ref}: {error}", ref=ref,
                                         error=f.getErrorMessage()))
+
+    def _answered(self, controller: str) -> None:
+        # The next command in line may go, unless the last claim saw none behind.
+        if controller in self._drained:
+            self.metrics.claimsSkipped.inc()
+            return
+        self.wake([controller], "settle")
 
     async def _settleBatch(
         self, rows: Sequence[tuple[str, str, int, bool, str, str | None]]

@@ -211,28 +211,41 @@ class OutboxBranchTests(SynchronousTestCase):
         self.assertEqual(self.value("ctrlgw_command_claims_total", source="connect", result="empty"), 2)
         self.assertEqual(len(self.commands(fakes[1])), 1)
 
-    def test_oneRoundAtATime(self) -> None:
+    def test_roundsAlongsideALongOne(self) -> None:
         """
-        What wakes during a claim round is claimed in the next one, not alongside.
+        A doorbell does not wait behind a long claim: up to two rounds run at once.  A
+        controller being claimed for waits for that claim to end; a third round waits for
+        one of the two.
         """
-        self.live("a")
-        self.live("b")
-        gate: Deferred[list[ClaimedCommand]] = Deferred()
-        calls: list[list[tuple[str, int]]] = []
+        for c in ("a", "b", "c"):
+            self.live(c)
+        aGate: Deferred[list[ClaimedCommand]] = Deferred()
+        bGate: Deferred[list[ClaimedCommand]] = Deferred()
+        gates = {"a": aGate, "b": bGate}
+        calls: list[list[str]] = []
 
         def claim(sessions: Sequence[tuple[str, int]], *args: object) -> Deferred[list[ClaimedCommand]]:
-            calls.append(list(sessions))
-            return gate if len(calls) == 1 else succeed([])
+            names = [c for c, _ in sessions]
+            calls.append(names)
+            gate = gates.pop(names[0], None)
+            return gate if gate is not None else succeed([])
 
         self.store.claimCommands = claim  # type: ignore[assignment]
         self.outbox.wake(["a"], "notify")
         self.turn()
         self.outbox.wake(["b"], "notify")
         self.turn()
-        self.assertEqual([[c for c, _ in s] for s in calls], [["a"]])
-        gate.callback([])
+        self.outbox.wake(["a", "c"], "notify")
         self.turn()
-        self.assertEqual([[c for c, _ in s] for s in calls], [["a"], ["b"]])
+        self.assertEqual(calls, [["a"], ["b"]])
+        # b's claim ends: a is still being claimed for, so c goes alone.
+        bGate.callback([])
+        self.turn()
+        self.assertEqual(calls, [["a"], ["b"], ["c"]])
+        # a's claim ends: a again.
+        aGate.callback([])
+        self.turn()
+        self.assertEqual(calls, [["a"], ["b"], ["c"], ["a"]])
 
     def test_sessionStarted(self) -> None:
         a = self.live("a")
@@ -648,6 +661,77 @@ class OutboxBranchTests(SynchronousTestCase):
         self.outbox.doorbell("a")
         self.turn()
         self.assertEqual(self.store.claims, [[("a", self.epoch(a))]])
+
+    def test_answeredNoRetry(self) -> None:
+        """
+        Once everything written to a controller is answered, its retry timer is gone: no
+        claim at the ack timeout.
+        """
+        a = self.live("a")
+        assert a.protocol.session is not None
+        self.store.toClaim = [[self.command(a, 1)]]
+        self.outbox.wake(["a"], "notify")
+        self.turn()
+        self.outbox.settle(a.protocol.session, COMMAND_ID.format(1), True, "")
+        self.turn()
+        self.assertEqual(len(self.store.claims), 2)  # the answer's own wake
+        self.clock.advance(self.ACK_TIMEOUT * 2)
+        self.assertEqual(len(self.store.claims), 2)
+        self.assertEqual(self.value("ctrlgw_command_claims_total", source="retry", result="empty"), 0)
+
+    def test_answerClaimsOnlyIfMoreMayWait(self) -> None:
+        """
+        An answer claims for what follows unless the claim that sent the command saw no
+        pending command behind it and nothing woke the controller since; a wake skipped
+        while the controller was at its in-flight limit means more may wait.
+        """
+        a = self.live("a")
+        session = a.protocol.session
+        assert session is not None
+        self.store.toClaim = [[dataclasses.replace(self.command(a, 1), more=False)]]
+        self.outbox.wake(["a"], "notify")
+        self.turn()
+        self.outbox.settle(session, COMMAND_ID.format(1), True, "")
+        self.turn()
+        self.assertEqual(len(self.store.claims), 1)
+        self.assertEqual(self.value("ctrlgw_command_claims_skipped_total"), 1)
+        # Two written (the limit), the last with nothing behind; a doorbell meanwhile.
+        self.store.toClaim = [[self.command(a, 2), dataclasses.replace(self.command(a, 3), more=False)]]
+        self.outbox.wake(["a"], "notify")
+        self.turn()
+        self.outbox.doorbell("a")
+        self.turn()
+        self.assertEqual(len(self.store.claims), 2)
+        self.outbox.settle(session, COMMAND_ID.format(2), True, "")
+        self.turn()
+        self.assertEqual(len(self.store.claims), 3)
+        # More behind, as the claim said: the answer claims.
+        self.store.toClaim = [[self.command(a, 4)]]
+        self.outbox.settle(session, COMMAND_ID.format(3), True, "")
+        self.turn()
+        self.assertEqual(len(self.store.claims), 4)
+
+    def test_anEmptyClaimMeansMoreMayWait(self) -> None:
+        """
+        A doorbell between an answer and its settlement claims nothing (the head is still
+        sent): then the settlement claims, although the claim that sent it saw nothing
+        behind.
+        """
+        b = self.live("b")
+        session = b.protocol.session
+        assert session is not None
+        self.store.toClaim = [[dataclasses.replace(self.command(b, 10), more=False)]]
+        self.outbox.wake(["b"], "notify")
+        self.turn()
+        self.outbox.settle(session, COMMAND_ID.format(10), True, "")
+        self.outbox.doorbell("b")
+        self.turn()
+        self.assertEqual([s for s, _ in self.claimSources()], ["notify", "notify", "settle"])
+
+    def claimSources(self) -> list[tuple[str, str]]:
+        return [(source, result) for source in ("notify", "settle", "poll", "retry", "connect")
+                for result in ("found", "empty")
+                for _ in range(int(self.value("ctrlgw_command_claims_total", source=source, result=result)))]
 
     def test_newSessionForgetsWhatTheOldOneAwaited(self) -> None:
         a = self.live("a")

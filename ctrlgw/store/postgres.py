@@ -241,6 +241,9 @@ class ClaimedCommand:
     createdAt: float
     # Which claim of this command this is: a report about it names it.
     claim: int
+    # Whether the controller had pending commands behind this one (in the claim's
+    # snapshot): if not, its answer needs no claim for what follows.
+    more: bool = True
 
 
 # What became of a claimed command the gateway did not write.
@@ -309,10 +312,13 @@ WITH due AS MATERIALIZED (
     WHERE c.id = ANY (ARRAY(SELECT id FROM locked)) AND c.state IN ('pending', 'sent')
     RETURNING c.seq, c.id::text AS id, c.controller_id, c.body::text AS body,
         (extract(epoch FROM c.expires_at) * 1000)::bigint AS expires_ms, c.attempts,
-        c.sent_epoch, extract(epoch FROM c.created_at)::float8 AS created_at, c.claims
+        c.sent_epoch, extract(epoch FROM c.created_at)::float8 AS created_at, c.claims,
+        EXISTS (SELECT 1 FROM commands n
+                WHERE n.controller_id = c.controller_id AND n.state = 'pending'
+                  AND n.seq > c.seq) AS more
 )
 -- RETURNING has no order of its own (it follows the join plan): write in FIFO order.
-SELECT id, controller_id, body, expires_ms, attempts, sent_epoch, created_at, claims
+SELECT id, controller_id, body, expires_ms, attempts, sent_epoch, created_at, claims, more
 FROM claimed ORDER BY seq
 """
 
