@@ -253,11 +253,14 @@ TOO_LARGE = "too_large"
 UNDELIVERABLE = "undeliverable"  # writing it failed for a reason a retry would not cure
 
 # Shaped for the generic plan a prepared statement ends up with (tests/test_plans.py): it
-# is built without the arguments, from statistics that may predate a backlog or a connect
-# storm, and then cached.  So every step reaches a table through the key the step before it
-# found, per row (a LATERAL subquery with a LIMIT is never flattened into a join the
-# planner could turn around), or through an array of ids (= ANY: an index scan); no step
-# joins two CTEs (a nested loop over both is quadratic in the batch).
+# is built without the arguments, from statistics that may predate a backlog or a fleet
+# coming back (autovacuum looks at most once a minute), and then cached.  Statistics that
+# say a partial index is nearly empty make a scan of all of it look as cheap as a key
+# look-up.  So every look-up goes by key only: a LATERAL subquery with a LIMIT (never
+# flattened into a join the planner could turn round) whose WHERE names the key and
+# nothing a partial index could answer; the other conditions are checked on the row it
+# returns (with FOR UPDATE / FOR KEY SHARE, the row's newest version).  No step joins two
+# CTEs (a nested loop over both is quadratic in the batch).
 _CLAIM_COMMANDS = """
 WITH due AS MATERIALIZED (
     -- Each session's first max_inflight unfinished commands, in FIFO order, for the
@@ -265,9 +268,8 @@ WITH due AS MATERIALIZED (
     SELECT c.id, l.controller_id, l.epoch
     FROM unnest(%(controllers)s::text[], %(epochs)s::bigint[]) AS l(controller_id, epoch)
     CROSS JOIN LATERAL (
-        SELECT 1 FROM sessions s
-        WHERE s.controller_id = l.controller_id AND s.epoch = l.epoch
-          AND s.online AND s.instance_id = %(instance)s
+        SELECT s.epoch, s.online, s.instance_id FROM sessions s
+        WHERE s.controller_id = l.controller_id
         LIMIT 1
     ) current
     CROSS JOIN LATERAL (
@@ -275,7 +277,8 @@ WITH due AS MATERIALIZED (
         WHERE controller_id = l.controller_id AND state IN ('pending', 'sent')
         ORDER BY seq LIMIT %(maxInflight)s
     ) c
-    WHERE c.attempts < %(maxAttempts)s AND c.expires_at > now()
+    WHERE current.epoch = l.epoch AND current.online AND current.instance_id = %(instance)s
+      AND c.attempts < %(maxAttempts)s AND c.expires_at > now()
       AND (c.state = 'pending' OR c.next_attempt_at <= now())
 ), locked AS (
     SELECT c.id FROM due
@@ -285,22 +288,22 @@ WITH due AS MATERIALIZED (
     -- requeues what this claim sent, or committed first, and its session is not ours.
     -- Taken before the command's lock, so a claim never holds a command while it waits.
     CROSS JOIN LATERAL (
-        SELECT 1 FROM sessions s
-        WHERE s.controller_id = due.controller_id AND s.epoch = due.epoch
-          AND s.online AND s.instance_id = %(instance)s
+        SELECT s.epoch, s.online, s.instance_id FROM sessions s
+        WHERE s.controller_id = due.controller_id
         LIMIT 1
         FOR KEY SHARE OF s
     ) fenced
-    -- The due conditions again on the locked row: under READ COMMITTED, FOR UPDATE
-    -- re-checks only this WHERE on the newest version, so a command settled (or swept)
-    -- since the snapshot must be refused here, not revived.
+    -- The due conditions again, on the locked row's newest version: a command settled (or
+    -- swept) since the snapshot is refused here, not revived.
     CROSS JOIN LATERAL (
-        SELECT c.id FROM commands c
-        WHERE c.id = due.id AND c.state IN ('pending', 'sent') AND c.attempts < %(maxAttempts)s
-          AND c.expires_at > now() AND (c.state = 'pending' OR c.next_attempt_at <= now())
+        SELECT c.id, c.state, c.attempts, c.expires_at, c.next_attempt_at FROM commands c
+        WHERE c.id = due.id
         LIMIT 1
         FOR UPDATE OF c SKIP LOCKED
     ) c
+    WHERE fenced.epoch = due.epoch AND fenced.online AND fenced.instance_id = %(instance)s
+      AND c.state IN ('pending', 'sent') AND c.attempts < %(maxAttempts)s
+      AND c.expires_at > now() AND (c.state = 'pending' OR c.next_attempt_at <= now())
 ), claimed AS (
     UPDATE commands c SET
         state = 'sent', attempts = c.attempts + 1, sent_at = now(),
@@ -309,12 +312,14 @@ WITH due AS MATERIALIZED (
         next_attempt_at = now() + make_interval(
             secs => %(ackTimeout)s * power(%(backoff)s::float8, c.attempts)),
         last_instance = %(instance)s, detail = '', claims = c.claims + 1
-    WHERE c.id = ANY (ARRAY(SELECT id FROM locked)) AND c.state IN ('pending', 'sent')
+    -- Locked above and found due there: by id alone.
+    WHERE c.id = ANY (ARRAY(SELECT id FROM locked))
     RETURNING c.seq, c.id::text AS id, c.controller_id, c.body::text AS body,
         (extract(epoch FROM c.expires_at) * 1000)::bigint AS expires_ms, c.attempts,
         c.sent_epoch, extract(epoch FROM c.created_at)::float8 AS created_at, c.claims,
+        -- ('sent' too: the active-commands index answers it by controller and seq.)
         EXISTS (SELECT 1 FROM commands n
-                WHERE n.controller_id = c.controller_id AND n.state = 'pending'
+                WHERE n.controller_id = c.controller_id AND n.state IN ('pending', 'sent')
                   AND n.seq > c.seq) AS more
 )
 -- RETURNING has no order of its own (it follows the join plan): write in FIFO order.
@@ -349,8 +354,10 @@ FROM unnest(%(ids)s::text[]::uuid[], %(epochs)s::bigint[], %(claims)s::integer[]
 WHERE c.id = ANY (%(ids)s::text[]::uuid[])
   AND c.id = u.id AND c.sent_epoch = u.epoch AND c.claims = u.claim
   -- Not written, but already put back to pending because its session ended: undo the
-  -- attempt all the same, it never reached the controller.
-  AND (c.state = 'sent' OR (c.state = 'pending' AND u.outcome = 'not_written'))
+  -- attempt all the same, it never reached the controller.  (A CASE: a plain condition on
+  -- state would let a generic plan scan a partial index of every unfinished command.)
+  AND CASE c.state WHEN 'sent' THEN true WHEN 'pending' THEN u.outcome = 'not_written'
+                   ELSE false END
 """
 
 _SETTLE_COMMANDS = """
@@ -361,8 +368,10 @@ UPDATE commands c SET
 FROM unnest(%(ids)s::text[]::uuid[], %(controllers)s::text[], %(epochs)s::bigint[],
             %(oks)s::boolean[], %(reasons)s::text[], %(results)s::text[])
     AS s(id, controller_id, epoch, ok, reason, result)
-WHERE c.id = ANY (%(ids)s::text[]::uuid[]) AND c.id = s.id AND c.controller_id = s.controller_id AND c.state = 'sent'
-  AND c.sent_epoch = s.epoch
+WHERE c.id = ANY (%(ids)s::text[]::uuid[]) AND c.id = s.id AND c.controller_id = s.controller_id
+  -- (A CASE: a plain condition on state would let a generic plan scan the partial index
+  -- of every sent command.)
+  AND CASE c.state WHEN 'sent' THEN true ELSE false END AND c.sent_epoch = s.epoch
 RETURNING c.id::text, c.state, extract(epoch FROM c.created_at)::float8
 """
 
@@ -411,6 +420,8 @@ RETURNING c.state
 # The lost-NOTIFY fallback: controllers held here with a command due, found from the
 # active-commands index (migration 0003), so its cost follows the unfinished commands, never
 # the number of connected controllers.
+# (The sessions by key only, as in the claim: statistics from before a fleet came back
+# would otherwise scan this instance's sessions once per controller.)
 _DUE_CONTROLLERS = """
 WITH due AS MATERIALIZED (
     SELECT DISTINCT controller_id FROM commands
@@ -418,16 +429,29 @@ WITH due AS MATERIALIZED (
       AND (state = 'pending' OR next_attempt_at <= now())
 )
 SELECT due.controller_id FROM due
-JOIN sessions s ON s.controller_id = due.controller_id AND s.online
-               AND s.instance_id = %(instance)s
+CROSS JOIN LATERAL (
+    SELECT s.online, s.instance_id FROM sessions s
+    WHERE s.controller_id = due.controller_id
+    LIMIT 1
+) s
+WHERE s.online AND s.instance_id = %(instance)s
 LIMIT %(limit)s
 """
 
 _QUEUE_DEPTH = """
-SELECT c.state, count(*) FROM commands c
-JOIN sessions s ON s.controller_id = c.controller_id AND s.online AND s.instance_id = %s
-WHERE c.state IN ('pending', 'sent')
-GROUP BY c.state
+WITH waiting AS MATERIALIZED (
+    SELECT controller_id, state, count(*) AS n FROM commands
+    WHERE state IN ('pending', 'sent')
+    GROUP BY controller_id, state
+)
+SELECT w.state, sum(w.n)::bigint FROM waiting w
+CROSS JOIN LATERAL (
+    SELECT s.online, s.instance_id FROM sessions s
+    WHERE s.controller_id = w.controller_id
+    LIMIT 1
+) s
+WHERE s.online AND s.instance_id = %s
+GROUP BY w.state
 """
 
 
