@@ -94,6 +94,11 @@ class GenericPlanTests(PostgresTestCase):
             (controller, count, count),
         )
 
+    async def _connectIdle(self, store: Store) -> None:
+        # The rest of the fleet: connected, with nothing to send (in the gateway's batches).
+        for start in range(0, _IDLE, 500):
+            await store.claimSessions([(f"idle-{n}", "main", "peer") for n in range(start, start + 500)])
+
     async def _setUpBacklog(self) -> tuple[Store, int]:
         # One connection: the statements are prepared, and the plan forced, on it.
         self.db = await self.openDatabase(pool_size=1)
@@ -107,8 +112,7 @@ class GenericPlanTests(PostgresTestCase):
             # arrives (autovacuum looks at most once a minute).
             await self.db.runOperation("plan", "ANALYZE commands")
             await self.db.runOperation("plan", "ANALYZE sessions")
-        # The rest of the fleet: connected, with nothing to send.
-        await store.claimSessions([(f"idle-{n}", "main", "peer") for n in range(_IDLE)])
+        await self._connectIdle(store)
         await self._sendMany("dev-b", _BACKLOG)
         await self.db.runOperation("plan", "UPDATE commands SET state = 'acked', finished_at = now()")
         if self.staleStatistics == "finished":
@@ -120,7 +124,7 @@ class GenericPlanTests(PostgresTestCase):
             await self.db.runOperation("plan", "ANALYZE sessions")
             claim = await store.claimSession("dev-a", "main", "peer")
             await store.claimSession("dev-b", "main", "peer")
-            await store.claimSessions([(f"idle-{n}", "main", "peer") for n in range(_IDLE)])
+            await self._connectIdle(store)
         await self._sendMany("dev-b", _BACKLOG)
         await self.db.runOperation("plan", "SELECT send('dev-a', '{\"n\": 1}')")
         await self.db.runOperation("plan", "SET plan_cache_mode = force_generic_plan")
