@@ -379,7 +379,8 @@ class Outbox:
             unanswered.discard(ref)
             if not unanswered:
                 del self._unanswered[session.controller]
-                # Nothing written is left to retry: the answer's own wake claims what follows.
+                # Nothing written is left to retry; what follows, if anything, is the
+                # answer's to claim (_answered).
                 retry = self._retries.pop(session.controller, None)
                 if retry is not None and retry.active():
                     retry.cancel()
