@@ -13,7 +13,7 @@ import json
 from typing import Any
 
 from ctrlgw.store.database import Prepared
-from ctrlgw.store.postgres import _CLAIM, _SETTLE, _UNSEND, Store
+from ctrlgw.store.postgres import _CLAIM, _SETTLE, _UNSEND, _WRITE_INBOX, Store
 from tests.helpers import deferred
 from tests.pg import PostgresTestCase
 
@@ -185,3 +185,38 @@ class GenericPlanTests(PostgresTestCase):
 
 class GenericPlanOnEmptyStatisticsTests(GenericPlanTests):
     staleStatistics = "empty"
+
+
+class InboxWritePlanTests(PostgresTestCase):
+    """
+    The inbox write of a full batch, planned with its arguments on every call: its cost
+    follows the batch, not the fleet, and not the batch squared.
+    """
+
+    @deferred
+    async def test_batchReachesSessionsByKeyAndJoinsNothingPairwise(self) -> None:
+        """
+        Each row's session is found by its key (not by reading every session of the fleet
+        into a hash table), and nothing compares every row of the batch with every other:
+        the planner estimates one row for each step of the statement, so a join of two of
+        them would be a nested loop over all pairs (249,500 for a batch of 500).
+        """
+        self.db = await self.openDatabase(pool_size=1)
+        store = Store(self.db, "gw-plan")
+        epochs = {}
+        for start in range(0, 2 * _IDLE // 5, 500):
+            claims = await store.claimSessions([(f"dev-{n}", "main", "peer") for n in range(start, start + 500)])
+            epochs.update({f"dev-{start + i}": c.epoch for i, c in enumerate(claims)})
+        await self.db.runOperation("plan", "ANALYZE sessions")
+        batch = [[f"dev-{n}", f"m-{n}", 1_764_600_000_000, epochs[f"dev-{n}"], {"n": n}] for n in range(500)]
+        rows = await self.db.runQuery(
+            "explain", "EXPLAIN (ANALYZE, FORMAT JSON) " + _WRITE_INBOX,
+            {"rows": json.dumps(batch), "instance": "gw-plan", "dedupeWindow": 86400.0})
+        document = rows[0][0]
+        plan = (json.loads(document) if isinstance(document, str) else document)[0]["Plan"]
+        self.assertEqual(joinFilterRemoved(plan), 0, json.dumps(plan, indent=1))
+        self.assertLessEqual(rowsRead(plan, "sessions"), len(batch), json.dumps(plan, indent=1))
+        for scan in scans(plan, "sessions"):
+            self.assertRegex(scan, r"^sessions_pkey: \(+controller_id = ")
+        stored = await self.db.runQuery("stored", "SELECT count(*) FROM inbox")
+        self.assertEqual(stored, [(len(batch),)])

@@ -88,20 +88,30 @@ DUPLICATE = "duplicate"
 
 _WRITE_INBOX = """
 WITH batch AS (
-    SELECT * FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[], %s::text[])
-        WITH ORDINALITY AS b(controller_id, message_id, device_ts, epoch, body, arrival)
+    -- The batch comes as one JSON array of [controller, message id, device ts, epoch,
+    -- body]: one parameter to quote, where five arrays cost five times the quoting and
+    -- parsing, and the bodies reach jsonb without a text step of their own.
+    SELECT e->>0 AS controller_id, e->>1 AS message_id, (e->>2)::bigint AS device_ts,
+           (e->>3)::bigint AS epoch, e->4 AS body, arrival
+    FROM jsonb_array_elements(%(rows)s::jsonb) WITH ORDINALITY AS b(e, arrival)
 ), current AS (
     -- Fencing: only messages of a controller's current session are stored.  The key-share
     -- lock conflicts only with claim_session's FOR UPDATE: a takeover that commits while
     -- this runs either waits for this commit or is seen here (the epoch no longer
-    -- matches), so nothing of the old session is stored after the claim committed.
+    -- matches), so nothing of the old session is stored after the claim committed.  Each
+    -- session is reached by its key, whatever the statistics say (a hash join would read
+    -- every session of the fleet once per batch); the epoch is checked on the row locked,
+    -- which is the newest version.
     SELECT b.* FROM batch b
-    JOIN sessions s ON s.controller_id = b.controller_id AND s.epoch = b.epoch
-    FOR KEY SHARE OF s
+    CROSS JOIN LATERAL (
+        SELECT s.epoch FROM sessions s WHERE s.controller_id = b.controller_id
+        FOR KEY SHARE
+    ) s
+    WHERE s.epoch = b.epoch
 ), inserted AS (
     INSERT INTO inbox (controller_id, message_id, device_ts, instance_id, epoch, body)
-    SELECT c.controller_id, c.message_id, to_timestamp(c.device_ts / 1000.0), %s, c.epoch,
-           c.body::jsonb
+    SELECT c.controller_id, c.message_id, to_timestamp(c.device_ts / 1000.0), %(instance)s,
+           c.epoch, c.body
     FROM current c
     -- Dedupe (docs/scaling.md): the unique key (controller_id, message_id) of the partition
     -- the row lands in arbitrates (no conflict target: a partitioned inbox has no such key
@@ -109,14 +119,18 @@ WITH batch AS (
     WHERE NOT EXISTS (
         SELECT 1 FROM inbox i
         WHERE i.controller_id = c.controller_id AND i.message_id = c.message_id
-          AND i.received_at >= now() - make_interval(secs => %s))
+          AND i.received_at >= now() - make_interval(secs => %(dedupeWindow)s))
     -- inbox.id follows arrival order, within a batch as across batches.
     ORDER BY c.arrival
     ON CONFLICT DO NOTHING
     RETURNING controller_id, message_id
 )
-SELECT c.controller_id, c.message_id, i.message_id IS NOT NULL
-FROM current c LEFT JOIN inserted i USING (controller_id, message_id)
+-- Every current row, and again each one inserted (the caller lets "inserted" win): no join
+-- of the two, which the planner, estimating one row for each, would make a nested loop
+-- comparing every row with every row (250,000 comparisons for a batch of 500).
+SELECT controller_id, message_id, false FROM current
+UNION ALL
+SELECT controller_id, message_id, true FROM inserted
 """
 
 _CLAIM_MANY = """
@@ -533,17 +547,20 @@ class Store:
         result = await self.db.runQuery(
             "inbox_write",
             _WRITE_INBOX,
-            (
-                [r.controller for r in rows],
-                [r.messageId for r in rows],
-                [r.deviceTs for r in rows],
-                [r.epoch for r in rows],
-                [json.dumps(r.body) for r in rows],
-                self.instance,
-                self.dedupeWindow,
-            ),
+            {
+                "rows": json.dumps(
+                    [[r.controller, r.messageId, r.deviceTs, r.epoch, r.body] for r in rows]
+                ),
+                "instance": self.instance,
+                "dedupeWindow": self.dedupeWindow,
+            },
         )
-        outcome = {(c, m): STORED if ins else DUPLICATE for c, m, ins in result}
+        outcome: dict[tuple[str, str], object] = {}
+        for c, m, inserted in result:
+            if inserted:
+                outcome[(c, m)] = STORED
+            else:
+                outcome.setdefault((c, m), DUPLICATE)
         fenced = Fenced("session superseded")
         return [outcome.get((r.controller, r.messageId), fenced) for r in rows]
 
