@@ -282,7 +282,7 @@ def render(result: dict[str, Any], docs: str) -> str:
     def section_storm() -> None:
         st = s["storm"]["median"]
         out.append(f"\n## 5. Connect storm\n\nA fresh instance; {fmt(z['storm'])} controllers dial at once "
-                   "(one process, listen backlog 4096); the clock runs from the first dial to the last "
+                   "(one process, 200 dials per reactor turn, listen backlog 4096); the clock runs from the first dial to the last "
                    "`welcome` read (a welcome follows the committed session claim).\n\n")
         out.append(table(["controllers", "seconds", "welcomes/s", "hello→welcome p50 ms", "p99 ms", "errors"], [
             [st["controllers"], st["seconds"], st["per_second"], st["welcome_p50_ms"], st["welcome_p99_ms"],

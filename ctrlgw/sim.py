@@ -43,6 +43,8 @@ from ctrlgw.protocol import messages as v1
 _MAX_PENDING = 10_000
 # The pacer's tick: messages due in one tick go out together.
 _TICK = 0.01
+# Dials per reactor turn when the fleet connects at once (see _dialSlice).
+_DIAL_SLICE = 200
 # How long the end of a run waits for the acks of the last messages.
 _DRAIN = 2.0
 
@@ -221,6 +223,9 @@ class Fleet:
         self._failures: dict[str, int] = {}
         self._endpoint: dict[str, int] = {}
         self._timers: dict[str, IDelayedCall] = {}
+        # Controllers still to dial at start when connecting at once, and the next slice.
+        self._undialled: deque[str] = deque()
+        self._sliceCall: IDelayedCall | None = None
         self._connections: dict[str, SimController] = {}
         self._next = 0
         self._sequence = 0
@@ -245,8 +250,11 @@ class Fleet:
         names = self.controllers()
         for i, name in enumerate(names):
             self._endpoint[name] = i % len(self.options.endpoints)
-            delay = i / self.options.connectRate if self.options.connectRate > 0 else 0.0
-            self._timers[name] = self.reactor.callLater(delay, self._dial, name)
+            if self.options.connectRate > 0:
+                self._timers[name] = self.reactor.callLater(i / self.options.connectRate, self._dial, name)
+        if self.options.connectRate <= 0:
+            self._undialled.extend(names)
+            self._dialSlice()
         if self.options.rate > 0:
             # withCount: ticks the reactor was too busy to run still count, so the rate
             # holds under load.
@@ -261,6 +269,18 @@ class Fleet:
     def _connectTcp(self, endpoint: tuple[str, int], protocol: SimController) -> Deferred[Any]:
         host, port = endpoint
         return connectProtocol(TCP4ClientEndpoint(self.reactor, host, port, timeout=10), protocol)
+
+    def _dialSlice(self) -> None:
+        # "All at once" as a fleet does it: every socket's connect() runs in the reactor
+        # turn after the one that made it, so 15,000 dials made in one turn would reach
+        # the gateway only after all 15,000 were built (seconds of this process's time
+        # during which the gateway sees nothing).  A slice per turn starts connecting at
+        # once.
+        self._sliceCall = None
+        for _ in range(min(_DIAL_SLICE, len(self._undialled))):
+            self._dial(self._undialled.popleft())
+        if self._undialled:
+            self._sliceCall = self.reactor.callLater(0, self._dialSlice)
 
     def _dial(self, name: str) -> None:
         self._timers.pop(name, None)
@@ -394,6 +414,10 @@ class Fleet:
     def stop(self) -> None:
         self._stopping = True
         self.stopSending()
+        self._undialled.clear()
+        if self._sliceCall is not None and self._sliceCall.active():
+            self._sliceCall.cancel()
+        self._sliceCall = None
         for timer in self._timers.values():
             if timer.active():
                 timer.cancel()

@@ -158,6 +158,35 @@ class FleetTests(SynchronousTestCase):
         clock.advance(2.0)
         self.assertEqual(len(network.dials), 3)
 
+    def test_fleetAtOnceDialsASliceEachTurn(self) -> None:
+        """
+        Connecting at once, the fleet dials a slice per reactor turn: the first sockets
+        are connecting while the rest are still to be built, so the gateway sees the
+        storm begin at once instead of after the whole fleet was built.
+        """
+        clock = Clock()
+        network = FakeNetwork()
+        fleet = Fleet(clock, SimOptions(endpoints=[("10.0.0.1", 7000)], controllers=450),
+                      random.Random(4), connect=network)
+        fleet.start()
+        self.assertEqual(len(network.dials), 200)
+        self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [0.0], "the next slice")
+        clock.advance(0)
+        self.assertEqual(len(network.dials), 450)
+        self.assertEqual(len({p.controller for _, p in network.dials}), 450)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stopCancelsTheSlicesLeft(self) -> None:
+        clock = Clock()
+        network = FakeNetwork()
+        fleet = Fleet(clock, SimOptions(endpoints=[("10.0.0.1", 7000)], controllers=450),
+                      random.Random(4), connect=network)
+        fleet.start()
+        fleet.stop()
+        clock.advance(0)
+        self.assertEqual(len(network.dials), 200)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_duplicateIds(self) -> None:
         clock, network, fleet = self.fleet(controllers=2, rate=100.0, duplicates=0.5)
         for _, protocol in network.dials:
