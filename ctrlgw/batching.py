@@ -2,9 +2,10 @@
 Batched writes with a bounded buffer.
 
 Callers L{BatchWriter.add} one item and get a Deferred; the writer gathers items and hands
-them to a flush function one batch at a time -- when a batch is full, or C{interval} after
-the first item arrived -- so the database sees one statement per batch, never one
-round-trip per item.  A failed flush keeps its items, in order, and is retried with backoff;
+them to a flush function one batch at a time -- when a batch is full, or once the oldest
+item waiting has waited C{interval} -- so the database sees one statement per batch, never
+one round-trip per item.  Items that arrived while a batch was being written have waited
+for it already: they go as soon as it is done if that took C{interval} or more.  A failed flush keeps its items, in order, and is retried with backoff;
 nothing is dropped and nothing is confirmed before its batch succeeded (with C{retry=False},
 a failed batch fails each of its items instead).  A batch that fails
 because the database rejects one of its rows (C{isolate} says which errors mean that) is
@@ -74,6 +75,9 @@ class BatchWriter(Generic[T]):
         self._inFlight = 0
         self._flushing = False
         self._timer: IDelayedCall | None = None
+        # When the oldest item still waiting arrived (at most: the first of a batch that
+        # was split arrived no later), or None with none waiting.
+        self._waitingSince: float | None = None
         self._retryDelay = 0.0
         self._stopped = False
         self._abandoned = False
@@ -95,6 +99,8 @@ class BatchWriter(Generic[T]):
         if self.full:
             return fail(Unavailable(f"{self.name} buffer full ({self.maxBuffered} items)"))
         d: Deferred[object] = Deferred()
+        if not self._queue:
+            self._waitingSince = self.clock.seconds()
         self._queue.append((item, d))
         self._onBufferedChanged(len(self))
         if not self._flushing:
@@ -118,6 +124,8 @@ class BatchWriter(Generic[T]):
             return
         count = min(self.batchSize, len(self._queue))
         batch = [self._queue.popleft() for _ in range(count)]
+        if not self._queue:
+            self._waitingSince = None
         self._inFlight = count
         self._flushing = True
         d = Deferred.fromCoroutine(self._flushIsolating([item for item, _ in batch]))
@@ -200,7 +208,13 @@ class BatchWriter(Generic[T]):
         if len(self._queue) >= self.batchSize or (self._queue and self._stopped):
             self._startFlush()
         elif self._queue:
-            self._timer = self.clock.callLater(self.interval, self._timerFired)
+            now = self.clock.seconds()
+            since = now if self._waitingSince is None else self._waitingSince
+            delay = since + self.interval - now
+            if delay <= 0:
+                self._startFlush()
+            else:
+                self._timer = self.clock.callLater(delay, self._timerFired)
         else:
             self._notifyDrained()
 
@@ -235,6 +249,7 @@ class BatchWriter(Generic[T]):
             self._timer.cancel()
         self._timer = None
         pending, self._queue = self._queue, deque()
+        self._waitingSince = None
         for _, d in pending:
             d.errback(Failure(Unavailable("shutting down")))
         self._onBufferedChanged(len(self))

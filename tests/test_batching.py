@@ -141,6 +141,33 @@ class BatchWriterTests(SynchronousTestCase):
         self.assertEqual(self.recorder.order, list("abcdefgh"))
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_itemsThatWaitedForAFlushGoWhenItIsDone(self) -> None:
+        """
+        Items that arrived while a batch was being written have waited already: once it is
+        done they go at once if they have waited C{interval}, or when they will have, not
+        a whole C{interval} later.
+        """
+        writer = self.writer()
+        self.add(writer, "a")
+        self.clock.advance(1.0)
+        self.assertEqual(self.flush.batches, [["a"]])
+        self.add(writer, "b")
+        self.clock.advance(1.5)
+        self.add(writer, "c")
+        self.flush.succeedLast()
+        self.assertEqual(self.flush.batches[-1], ["b", "c"], "b has waited 1.5 s: no more")
+        self.add(writer, "d")
+        self.clock.advance(0.7)
+        self.flush.succeedLast()
+        self.assertEqual(len(self.flush.calls), 2, "d has waited 0.7 s of its 1.0")
+        self.clock.advance(0.29)
+        self.assertEqual(len(self.flush.calls), 2)
+        self.clock.advance(0.01)
+        self.assertEqual(self.flush.batches[-1], ["d"])
+        self.flush.succeedLast()
+        self.assertEqual(self.recorder.order, list("abcd"))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_resultsFireAfterTheirBatch(self) -> None:
         """
         Nothing is confirmed before the flush that holds it succeeded; then each item's
