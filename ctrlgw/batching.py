@@ -210,11 +210,10 @@ class BatchWriter(Generic[T]):
         elif self._queue:
             now = self.clock.seconds()
             since = now if self._waitingSince is None else self._waitingSince
-            delay = since + self.interval - now
-            if delay <= 0:
-                self._startFlush()
-            else:
-                self._timer = self.clock.callLater(delay, self._timerFired)
+            # Never from here at once, even when overdue: the items the rest of this
+            # reactor turn reads join the batch.
+            delay = max(0.0, since + self.interval - now)
+            self._timer = self.clock.callLater(delay, self._timerFired)
         else:
             self._notifyDrained()
 

@@ -155,6 +155,8 @@ class BatchWriterTests(SynchronousTestCase):
         self.clock.advance(1.5)
         self.add(writer, "c")
         self.flush.succeedLast()
+        self.assertEqual(len(self.flush.calls), 1, "what this turn reads may join")
+        self.clock.advance(0)
         self.assertEqual(self.flush.batches[-1], ["b", "c"], "b has waited 1.5 s: no more")
         self.add(writer, "d")
         self.clock.advance(0.7)
