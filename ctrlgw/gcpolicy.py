@@ -7,18 +7,10 @@ and no command is written.  Left to itself, CPython runs one whenever enough obj
 survived into the oldest generation, so the pauses come with traffic and grow with the
 fleet: they are the tail of command latency at fleet scale.
 
-So, as Synapse does: automatic collection is off; the youngest generation (cheap: only
-objects allocated since) is collected from a timer, by CPython's own threshold; the middle
-one by its threshold too, but at most every L{MIDDLE_INTERVAL}; the oldest only every
-C{full_interval}.  Cyclic garbage that has reached the oldest generation waits at most that
-long.  Each pause is measured (C{ctrlgw_gc_seconds}).
-
-Why the middle generation waits: it holds what outlived a young collection, and under load
-that is mostly work in flight (a message waiting for its batch's commit, a command for its
-ack), which lives a second or two.  Collected every second, as CPython's threshold would
-have it, each of those objects is walked a second time just before it is freed (measured:
-10-12 microseconds of collection per stored message at 12,000 msgs/s, 16% of the
-gateway's time); every ten seconds, most are gone by then (7 microseconds).
+So, as Synapse does: automatic collection is off; the young generations (cheap: only
+objects allocated since) are collected from a timer, by CPython's own thresholds; the
+oldest only every C{full_interval}.  Cyclic garbage that has reached the oldest generation
+waits at most that long.  Each pause is measured (C{ctrlgw_gc_seconds}).
 """
 
 from __future__ import annotations
@@ -38,9 +30,6 @@ log = Logger()
 
 # How often the young generations' counts are looked at.
 TICK = 0.1
-
-# The middle generation at most this often (seconds): see the module docstring.
-MIDDLE_INTERVAL = 10.0
 
 
 class Collector(Protocol):
@@ -74,14 +63,13 @@ class ScheduledCollection(Service):
         self._loop = LoopingCall(self._tick)
         self._loop.clock = clock
         self._lastFull = 0.0
-        self._lastMiddle = 0.0
         self._wasEnabled = True
 
     def startService(self) -> None:
         super().startService()
         self._wasEnabled = self.collector.isenabled()
         self.collector.disable()
-        self._lastFull = self._lastMiddle = self.clock.seconds()
+        self._lastFull = self.clock.seconds()
         self._loop.start(TICK, now=False)
 
     def stopService(self) -> None:
@@ -99,13 +87,8 @@ class ScheduledCollection(Service):
             return
         count0, count1, _ = self.collector.get_count()
         threshold0, threshold1, _ = self.collector.get_threshold()
-        if count0 < threshold0:
-            return
-        if count1 >= threshold1 and now - self._lastMiddle >= MIDDLE_INTERVAL:
-            self._lastMiddle = now
-            self._collect(1)
-        else:
-            self._collect(0)
+        if count0 >= threshold0:
+            self._collect(1 if count1 >= threshold1 else 0)
 
     def _collect(self, generation: int) -> None:
         started = self.timer()
