@@ -268,9 +268,11 @@ def render(result: dict[str, Any], docs: str) -> str:
 
     def section_idle() -> None:
         d = s["idle"]["median"]
-        out.append(f"\n## 4. Idle fleet\n\nA fresh instance; {fmt(z['idle'])} controllers connect and stay idle "
-                   "(`ping_interval` 15 s). RSS from `/proc/PID/status` before they connect and 2 s after the last "
-                   "welcome; CPU from `utime + stime` in `/proc/PID/stat` over the window that follows.\n\n")
+        out.append(f"\n## 4. Idle fleet\n\nA fresh instance; {fmt(z['idle'])} controllers connect as fast as "
+                   "one simulator process dials them (200 per reactor turn) and stay idle (`ping_interval` 15 s). "
+                   "RSS from `/proc/PID/status` before they connect and 2 s after the last welcome (it includes "
+                   "what the connect burst left allocated: the process keeps its peak); CPU from `utime + stime` "
+                   "in `/proc/PID/stat` over the window that follows.\n\n")
         out.append(table(["connections", "RSS before MB", "RSS after MB", "KiB per connection", "window s",
                           "CPU % of one core", "disconnects"], [
             [d["connections"], d["rss_before_mb"], d["rss_after_mb"], d["kb_per_connection"], d["window_seconds"],
