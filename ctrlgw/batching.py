@@ -5,14 +5,14 @@ Callers L{BatchWriter.add} one item and get a Deferred; the writer gathers items
 them to a flush function one batch at a time -- when a batch is full, or once the oldest
 item waiting has waited C{interval} -- so the database sees one statement per batch, never
 one round-trip per item.  Items that arrived while a batch was being written have waited
-for it already: they go as soon as it is done if that took C{interval} or more.  A failed flush keeps its items, in order, and is retried with backoff;
-nothing is dropped and nothing is confirmed before its batch succeeded (with C{retry=False},
-a failed batch fails each of its items instead).  A batch that fails
-because the database rejects one of its rows (C{isolate} says which errors mean that) is
-halved until that row is alone: it fails by itself with L{Rejected}, and every other row is
-written, so one poison row never holds up the rest.  Past C{maxBuffered}
-items, L{add} refuses at once with L{Unavailable}: memory stays bounded while the database
-is away.
+for it already: they go as soon as it is done if that took C{interval} or more.  A failed
+flush keeps its items, in order, and is retried with backoff; nothing is dropped and
+nothing is confirmed before its batch succeeded (with C{retry=False}, a failed batch fails
+each of its items instead).  A batch that fails because the database rejects one of its
+rows (C{isolate} says which errors mean that) is halved until that row is alone: it fails
+by itself with L{Rejected}, and every other row is written, so one poison row never holds
+up the rest.  Past C{maxBuffered} items, L{add} refuses at once with L{Unavailable}: memory
+stays bounded while the database is away.
 """
 
 from __future__ import annotations
