@@ -16,6 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import psutil
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
@@ -145,5 +146,10 @@ class PrivatePostgres:
     def destroy(self) -> None:
         try:
             self.server.cleanup()
+        except psutil.NoSuchProcess:
+            # Stopped by stop() (or crashed): pgserver's own stop finds no server and kills
+            # the postmaster it remembers, which may have exited in between.  Gone is what
+            # destroy wants.
+            pass
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
