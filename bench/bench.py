@@ -112,10 +112,23 @@ BASE_SETTINGS: dict[str, dict[str, str]] = {
 }
 
 
+# Every port freePort handed out in this run.
+_handedOut: set[int] = set()
+
+
 def freePort() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """
+    A loopback port free a moment ago, and never one handed out before in this run: two
+    picks in a row can get the same port back (an instance's listener and its HTTP port
+    collided once, and the instance could not start).
+    """
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handedOut:
+            _handedOut.add(port)
+            return port
 
 
 async def sleep(seconds: float) -> None:
