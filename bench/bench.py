@@ -102,13 +102,17 @@ SMOKE = Sizes(
 # Gateway settings every instance runs with (plus --set); ports and names are added per
 # instance.  ping_interval 15s is what the idle scenario asks for; max_buffered lets an
 # offer above capacity queue rather than be refused; flap_policy log, because the takeover
-# scenario moves every controller on purpose.
+# scenario moves every controller on purpose; max_entries above what three repeats of the
+# stream scenarios write (1.4 million entries and more), so retention never removes
+# entries the read scenario waits for (with the default million, its third repeat waited
+# for entries that were gone).
 SCENARIOS = ("commands", "backlog", "inbound", "idle", "storm", "takeover", "stream")
 
 BASE_SETTINGS: dict[str, dict[str, str]] = {
     "inbox": {"max_buffered": "200000"},
     "cluster": {"flap_policy": "log"},
     "liveness": {"ping_interval": "15s"},
+    "stream": {"max_entries": "10000000"},
 }
 
 
