@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ctrlgw.store.database import Prepared
+from ctrlgw.store.database import Database, Prepared
 from ctrlgw.store.postgres import _CLAIM, _SETTLE, _UNSEND, _WRITE_INBOX, Store
 from tests.helpers import deferred
 from tests.pg import PostgresTestCase
@@ -23,6 +23,16 @@ _BACKLOG = 5_000
 _BATCH = 40
 # Sessions of the same instance that are not in the claim.
 _IDLE = 5_000
+
+
+async def explain(db: Database, sql: str, arguments: Any) -> dict[str, Any]:
+    """
+    The plan of C{sql} with C{arguments}, as EXPLAIN (ANALYZE, FORMAT JSON) reports it.
+    """
+    rows = await db.runQuery("explain", "EXPLAIN (ANALYZE, FORMAT JSON) " + sql, arguments)
+    document = rows[0][0]
+    plan: dict[str, Any] = (json.loads(document) if isinstance(document, str) else document)[0]["Plan"]
+    return plan
 
 
 def rowsRead(plan: dict[str, Any], relation: str) -> int:
@@ -70,10 +80,7 @@ class GenericPlanTests(PostgresTestCase):
 
     async def _explain(self, statement: Prepared, arguments: Any) -> dict[str, Any]:
         execute = statement.execute.removeprefix("SET LOCAL synchronous_commit = off; ")
-        rows = await self.db.runQuery("explain", "EXPLAIN (ANALYZE, FORMAT JSON) " + execute, arguments)
-        document = rows[0][0]
-        plan: dict[str, Any] = (json.loads(document) if isinstance(document, str) else document)[0]["Plan"]
-        return plan
+        return await explain(self.db, execute, arguments)
 
     def assertByKey(self, plan: dict[str, Any]) -> None:
         """
@@ -209,11 +216,8 @@ class InboxWritePlanTests(PostgresTestCase):
             epochs.update({f"dev-{start + i}": c.epoch for i, c in enumerate(claims)})
         await self.db.runOperation("plan", "ANALYZE sessions")
         batch = [[f"dev-{n}", f"m-{n}", 1_764_600_000_000, epochs[f"dev-{n}"], {"n": n}] for n in range(500)]
-        rows = await self.db.runQuery(
-            "explain", "EXPLAIN (ANALYZE, FORMAT JSON) " + _WRITE_INBOX,
-            {"rows": json.dumps(batch), "instance": "gw-plan", "dedupeWindow": 86400.0})
-        document = rows[0][0]
-        plan = (json.loads(document) if isinstance(document, str) else document)[0]["Plan"]
+        plan = await explain(self.db, _WRITE_INBOX, {
+            "rows": json.dumps(batch), "instance": "gw-plan", "dedupeWindow": 86400.0})
         self.assertEqual(joinFilterRemoved(plan), 0, json.dumps(plan, indent=1))
         self.assertLessEqual(rowsRead(plan, "sessions"), len(batch), json.dumps(plan, indent=1))
         for scan in scans(plan, "sessions"):
