@@ -19,6 +19,7 @@ from ctrlgw.interfaces import AuthFailed, Fenced, IOwnership, Session, Unavailab
 from ctrlgw.ownership import LocalOwnership
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.connection import State
+from ctrlgw.protocol.session import TurnSlices
 from ctrlgw.settler import RecordingSettler
 
 from .helpers import FakeController, MemorySink, makeClock, makeConfig, makeContext, millis, pump
@@ -607,6 +608,25 @@ class PingTests(ConnectionTestCase):
         self.advance(EPS)
         self.assertFrames(fake, {"type": "ping"})
 
+    def test_pingsOfASlotGoOutASlicePerTurn(self) -> None:
+        """
+        Pings falling due together are written a slice per reactor turn, each only if its
+        connection is still live by then.
+        """
+        turns = TurnClock()
+        self.context.pings = TurnSlices(turns, 2)
+        fakes = [self.live(f"c{i}")[0] for i in range(5)]
+        self.advance(PING_INTERVAL)
+        self.assertEqual([fake.received() for fake in fakes], [[]] * 5, "none yet")
+        fakes[3].protocol.close(v1.BYE_SHUTDOWN)
+        fakes[3].received()
+        turns.runTurn()
+        self.assertEqual([len(fake.received()) for fake in fakes], [1, 1, 0, 0, 0])
+        turns.runTurn()
+        turns.runTurn()
+        self.assertEqual([len(fake.received()) for fake in fakes], [0, 0, 1, 0, 1])
+        self.assertEqual(turns.pending, [])
+
     def test_pingsKeepComing(self) -> None:
         """
         A controller that answers every ping is pinged every interval and never idles out.
@@ -618,6 +638,65 @@ class PingTests(ConnectionTestCase):
             fake.send({"type": "pong", "echo": ping["ts"]})
         self.assertFalse(fake.transport.disconnecting)
         self.assertEqual(self.value("ctrlgw_ping_round_trip_seconds_count"), 10)
+
+
+class TurnClock:
+    """
+    A clock whose calls run only when the test runs the next turn.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, Any]] = []
+
+    def seconds(self) -> float:
+        return 0.0
+
+    def callLater(self, delay: float, f: Any, *args: Any) -> object:
+        self.pending.append((delay, lambda: f(*args)))
+        return object()
+
+    def runTurn(self) -> None:
+        turn, self.pending = self.pending, []
+        for _, call in turn:
+            call()
+
+
+class TurnSlicesTests(SynchronousTestCase):
+    def test_aSlicePerTurn(self) -> None:
+        """
+        Jobs run C{perTurn} at a time, in the order added, one turn after another until
+        none is left; a job added while idle schedules the next turn.
+        """
+        clock = TurnClock()
+        slices = TurnSlices(clock, 25)  # type: ignore[arg-type]
+        ran: list[int] = []
+        for i in range(60):
+            slices.add(lambda i=i: ran.append(i))
+        self.assertEqual((len(clock.pending), ran), (1, []))
+        self.assertEqual(clock.pending[0][0], 0)
+        clock.runTurn()
+        self.assertEqual((ran, len(slices)), (list(range(25)), 35))
+        clock.runTurn()
+        clock.runTurn()
+        self.assertEqual(ran, list(range(60)))
+        self.assertEqual(clock.pending, [])
+        slices.add(lambda: ran.append(60))
+        clock.runTurn()
+        self.assertEqual(ran[-1], 60)
+
+    def test_aFailingJobSparesTheRest(self) -> None:
+        clock = TurnClock()
+        slices = TurnSlices(clock, 25)  # type: ignore[arg-type]
+        ran: list[str] = []
+
+        def fails() -> None:
+            raise RuntimeError("broken")
+
+        slices.add(fails)
+        slices.add(lambda: ran.append("after"))
+        clock.runTurn()
+        self.assertEqual(ran, ["after"])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class IdleTests(ConnectionTestCase):

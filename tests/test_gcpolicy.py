@@ -63,15 +63,20 @@ class ScheduledCollectionTests(SynchronousTestCase):
         self.assertTrue(self.collector.enabled, "given back as it was found")
 
     def test_youngGenerationsByThreshold(self) -> None:
+        """
+        Once the first threshold is passed, a tick collects both young generations: what
+        survives one tick goes to the oldest, so the middle never piles up.
+        """
         self.clock.advance(TICK)
         self.assertEqual(self.collector.collected, [], "nothing allocated: nothing collected")
-        for _ in range(10):
+        self.collector.count[0] = 699
+        self.clock.advance(TICK)
+        self.assertEqual(self.collector.collected, [], "under the threshold")
+        for _ in range(3):
             self.collector.count[0] = 700
             self.clock.advance(TICK)
-        self.assertEqual(self.collector.collected, [0] * 10)
-        self.collector.count[0] = 700
-        self.clock.advance(TICK)
-        self.assertEqual(self.collector.collected[-1], 1, "gen1 once it has had 10 of gen0")
+        self.assertEqual(self.collector.collected, [1, 1, 1])
+        self.assertEqual(self.collector.count[1], 0, "the middle generation is left empty")
 
     def test_fullOnlyEveryInterval(self) -> None:
         """

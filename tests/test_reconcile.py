@@ -7,6 +7,7 @@ previous round started (the overlap), and a full round records last-heard times.
 from __future__ import annotations
 
 from ctrlgw.service import Gateway
+from ctrlgw.store import postgres
 from tests.gateways import LineController, connectController, listenerPort, sample, startGateway
 from tests.pg import PostgresTestCase
 
@@ -30,6 +31,20 @@ class ReconcileTests(PostgresTestCase):
             await client.hello(f"c-{i}")
             clients.append(client)
         return clients
+
+    async def changeElsewhere(self) -> None:
+        """
+        3,000 sessions claimed elsewhere in the cluster in one statement (one changed_at),
+        and c-0 taken over by gw-b apart.
+        """
+        await self.db.runOperation(
+            "test", "INSERT INTO sessions (controller_id, epoch, session_id, instance_id, online)"
+            " SELECT 'x-' || g, g, gen_random_uuid(), 'gw-z', true FROM generate_series(1, 3000) g"
+        )
+        await self.db.runOperation(
+            "test", "UPDATE sessions SET instance_id = 'gw-b', epoch = epoch + 100000"
+            " WHERE controller_id = 'c-0'"
+        )
 
     async def test_roundReadsOnlyWhatChanged(self) -> None:
         """
@@ -66,17 +81,36 @@ class ReconcileTests(PostgresTestCase):
         a = await self.gateway("gw-a")
         (client,) = await self.fleet(a, 1)
         await a.cluster.reconcile()
-        await self.db.runOperation(
-            "test", "INSERT INTO sessions (controller_id, epoch, session_id, instance_id, online)"
-            " SELECT 'x-' || g, g, gen_random_uuid(), 'gw-z', true FROM generate_series(1, 3000) g"
-        )
-        await self.db.runOperation(
-            "test", "UPDATE sessions SET instance_id = 'gw-b', epoch = epoch + 100000"
-            " WHERE controller_id = 'c-0'"
-        )
+        await self.changeElsewhere()
         rows = sample(a, "ctrlgw_reconcile_rows_total", {"kind": "changed"})
         self.assertEqual(await a.cluster.reconcile(), (1, 0))
         self.assertGreaterEqual(sample(a, "ctrlgw_reconcile_rows_total", {"kind": "changed"}) - rows, 3001)
+        await client.closed
+
+    async def test_changedRowsReadInPages(self) -> None:
+        """
+        A round reads what changed a page at a time, in (changed_at, controller_id) order:
+        3,000 rows stamped with one changed_at (one statement) and the row of a local
+        connection changed apart, in pages of 1,000, are each read exactly once, and the
+        superseded local connection is dropped.
+        """
+        self.patch(postgres, "CHANGED_PAGE", 1000)
+        a = await self.gateway("gw-a")
+        (client,) = await self.fleet(a, 1)
+        await a.cluster.reconcile()
+        since = (await a.store.databaseTime()) - 1.0
+        await self.changeElsewhere()
+        statements = sample(a, "ctrlgw_db_query_seconds_count", {"query": "reconcile_changed"})
+        _, rows = await a.store.changedSessions(since)
+        self.assertEqual(
+            sorted(row.controller for row in rows),
+            sorted(["c-0"] + [f"x-{g}" for g in range(1, 3001)]),
+        )
+        self.assertEqual(
+            sample(a, "ctrlgw_db_query_seconds_count", {"query": "reconcile_changed"}) - statements,
+            4,
+        )
+        self.assertEqual(await a.cluster.reconcile(), (1, 0))
         await client.closed
 
     async def test_lateCommitIsCaught(self) -> None:

@@ -11,6 +11,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 
 from psycopg2 import DataError, IntegrityError
@@ -164,12 +165,25 @@ WHERE instance_id = %s AND online
 
 # Rows whose ownership changed since a time (the index sessions_changed_at, migration 5); the
 # statement's own start time comes back even when nothing changed.
+# One page of the session rows changed since a time, in (changed_at, controller_id) order
+# after the last row of the page before (a claim stamps a whole batch with one changed_at).
 _CHANGED_SESSIONS = """
 SELECT extract(epoch FROM statement_timestamp())::float8,
-       s.controller_id, s.epoch, s.instance_id, s.online
+       s.controller_id, s.epoch, s.instance_id, s.online, s.changed_at
 FROM (SELECT 1) AS always
-LEFT JOIN sessions s ON s.changed_at > to_timestamp(%s)
+LEFT JOIN LATERAL (
+    SELECT controller_id, epoch, instance_id, online, changed_at
+    FROM sessions
+    WHERE changed_at >= coalesce(%(at)s, to_timestamp(%(since)s))
+      AND (changed_at, controller_id) > (coalesce(%(at)s, to_timestamp(%(since)s)), %(after)s)
+    ORDER BY changed_at, controller_id
+    LIMIT %(page)s
+) AS s ON true
 """
+
+# Changed session rows per statement: after a connect storm a round reads every session of
+# it, and one result of that size would hold the reactor for tens of milliseconds.
+CHANGED_PAGE = 2000
 
 # Local sessions per reconcile statement: bounds how long its row locks are held.
 _RECONCILE_CHUNK = 5000
@@ -621,9 +635,22 @@ class Store:
         (database clock, epoch seconds), cluster-wide, and the database time the query
         started at.
         """
-        result = await self.db.runQuery("reconcile_changed", _CHANGED_SESSIONS, (since,))
-        rows = [SessionRow(c, e, i, bool(o)) for _, c, e, i, o in result if c is not None]
-        return float(result[0][0]), rows
+        rows: list[SessionRow] = []
+        started: float | None = None
+        at: datetime | None = None
+        after = ""
+        while True:
+            result = await self.db.runQuery(
+                "reconcile_changed", _CHANGED_SESSIONS,
+                {"since": since, "at": at, "after": after, "page": CHANGED_PAGE},
+            )
+            if started is None:
+                started = float(result[0][0])
+            page = [row for row in result if row[1] is not None]
+            rows.extend(SessionRow(c, e, i, bool(o)) for _, c, e, i, o, _ in page)
+            if len(page) < CHANGED_PAGE:
+                return started, rows
+            after, at = page[-1][1], page[-1][5]
 
     async def registerInstance(self, host: str, pid: int) -> int:
         """
