@@ -315,8 +315,8 @@ def render(result: dict[str, Any], docs: str) -> str:
         grp, rd, lat = st["groups"]["median"], st["read"]["median"], st["latency"]["median"]
         out.append(f"\n## 7. Application stream\n\nThree instances; {fmt(z['streamControllers'])} controllers "
                    f"spread over them send {fmt(z['streamMessages'])} msgs while four `ctrlgw.client` "
-                   "consumers of one group read (lease 5 min, so no lease runs out): every stored message "
-                   "must be handled exactly once. Then one consumer reads a backlog of "
+                   "consumers of one group, started at the end of the stream, read (lease 5 min, so no "
+                   "lease runs out): every stored message must be handled exactly once. Then one consumer reads a backlog of "
                    f"{fmt(z['streamBacklog'])} message entries (and whatever the stream already held) in "
                    f"batches of {fmt(z['streamBatch'])}. Then a fleet sends {fmt(z['streamRate'])} msgs/s "
                    "through one instance for "
