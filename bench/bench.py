@@ -959,8 +959,10 @@ def git() -> dict[str, Any]:
         except (OSError, subprocess.CalledProcessError):
             return ""
 
+    # The pages and plots a run writes are its output, not part of what it measures.
+    outputs = (":(exclude)docs/benchmarks.md", ":(exclude)docs/bench")
     return {"commit": run("rev-parse", "HEAD") or "unknown",
-            "dirty": bool(run("status", "--porcelain", "--untracked-files=no"))}
+            "dirty": bool(run("status", "--porcelain", "--untracked-files=no", "--", ".", *outputs))}
 
 
 async def versions(ctx: Context) -> dict[str, str]:
