@@ -163,10 +163,10 @@ SELECT controller_id, epoch, instance_id, online FROM sessions
 WHERE instance_id = %s AND online
 """
 
-# Rows whose ownership changed since a time (the index sessions_changed_at, migration 5); the
-# statement's own start time comes back even when nothing changed.
-# One page of the session rows changed since a time, in (changed_at, controller_id) order
-# after the last row of the page before (a claim stamps a whole batch with one changed_at).
+# One page of the rows whose ownership changed since a time (the index sessions_changed_at,
+# migration 5), in (changed_at, controller_id) order after the last row of the page before:
+# a claim stamps a whole batch with one changed_at.  The statement's own start time comes
+# back even when nothing changed.
 _CHANGED_SESSIONS = """
 SELECT extract(epoch FROM statement_timestamp())::float8,
        s.controller_id, s.epoch, s.instance_id, s.online, s.changed_at
