@@ -548,7 +548,10 @@ class ReadinessWatch:
 
         while self.running:
             for port in self.ports:
-                self.codes[port].append((reactor.seconds(), await readyStatus(port)))
+                # Stamped when the answer came: a request sent before an event and answered
+                # after it says how things stood after it.
+                status = await readyStatus(port)
+                self.codes[port].append((reactor.seconds(), status))
             await sleep(self.interval)
 
     def last(self, port: int) -> int | None:
