@@ -11,7 +11,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from psycopg2 import DataError, IntegrityError
@@ -174,8 +174,7 @@ FROM (SELECT 1) AS always
 LEFT JOIN LATERAL (
     SELECT controller_id, epoch, instance_id, online, changed_at
     FROM sessions
-    WHERE changed_at >= coalesce(%(at)s, to_timestamp(%(since)s))
-      AND (changed_at, controller_id) > (coalesce(%(at)s, to_timestamp(%(since)s)), %(after)s)
+    WHERE changed_at >= %(at)s AND (changed_at, controller_id) > (%(at)s, %(after)s)
     ORDER BY changed_at, controller_id
     LIMIT %(page)s
 ) AS s ON true
@@ -637,12 +636,12 @@ class Store:
         """
         rows: list[SessionRow] = []
         started: float | None = None
-        at: datetime | None = None
+        at = datetime.fromtimestamp(since, UTC)
         after = ""
         while True:
             result = await self.db.runQuery(
                 "reconcile_changed", _CHANGED_SESSIONS,
-                {"since": since, "at": at, "after": after, "page": CHANGED_PAGE},
+                {"at": at, "after": after, "page": CHANGED_PAGE},
             )
             if started is None:
                 started = float(result[0][0])
