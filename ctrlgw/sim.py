@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from ctrlgw.clock import wallMillis
 from ctrlgw.framing import FramingError, IFraming, findFraming
 from ctrlgw.protocol import messages as v1
+from ctrlgw.protocol.writethrough import writeNow
 
 # Messages waiting for their ack, per controller: past this, the oldest is forgotten
 # (counted as unanswered) so a gateway that never acks cannot grow the simulator.
@@ -132,7 +133,7 @@ class SimController(Protocol):
     def send(self, kind: str, **fields: Any) -> None:
         ts = wallMillis(self.fleet.reactor) + int(self.fleet.options.skew * 1000)
         assert self.transport is not None
-        self.transport.write(self.framing.frame(v1.encode(kind, ts, **fields)))
+        writeNow(self.transport, self.framing.frame(v1.encode(kind, ts, **fields)))
 
     def connectionMade(self) -> None:
         self.fleet.stats.connects += 1

@@ -616,7 +616,10 @@ class RawSocket:
         return self.received
 
     def frames(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.read().split(b"\n") if line.strip()]
+        # Whole lines only: a frame the gateway has sent only part of so far (the socket's
+        # buffer was full) comes whole in a later read.
+        complete, _, _ = self.read().rpartition(b"\n")
+        return [json.loads(line) for line in complete.split(b"\n") if line.strip()]
 
     def close(self) -> None:
         self.sock.close()

@@ -21,6 +21,7 @@ from ctrlgw.dialects.teltonika import commandText
 from ctrlgw.interfaces import Session
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.session import State
+from ctrlgw.protocol.writethrough import writeNow
 
 # A 0x80 command fits a short frame: its length byte counts the flag and the text.
 MAX_COMMAND = 200
@@ -104,6 +105,6 @@ class Gt06Protocol(TelematicsProtocol):
         self._serverFlag = (self._serverFlag + 1) & 0xFFFFFFFF
         self._serial = (self._serial + 1) & 0xFFFF
         assert self.transport is not None
-        self.transport.write(codec.command(self._serverFlag, text, self._serial))
+        writeNow(self.transport, codec.command(self._serverFlag, text, self._serial))
         self.outstanding = commandId
         self.context.framesOut["cmd"].inc()

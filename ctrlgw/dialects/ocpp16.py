@@ -50,6 +50,7 @@ from ctrlgw.framing._websocket import (
 from ctrlgw.interfaces import Session
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.session import PEER_CLOSED, ConnectionContext, ListenerProtocol, State
+from ctrlgw.protocol.writethrough import writeNow
 
 log = Logger()
 
@@ -240,7 +241,7 @@ class OcppProtocol(ListenerProtocol):
     def _flush(self) -> None:
         pending = self.ws.takeOutgoing()
         if pending and self.transport is not None:
-            self.transport.write(pending)
+            writeNow(self.transport, pending)
 
     def _handshake(self, request: Handshake) -> None:
         if self.state is not State.AWAITING_HELLO:
@@ -513,7 +514,7 @@ class OcppProtocol(ListenerProtocol):
 
     def _write(self, data: bytes) -> None:
         if data and self.transport is not None:
-            self.transport.write(data)
+            writeNow(self.transport, data)
 
 
 class RefusedUpgrade(Protocol):

@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from ctrlgw.config import ListenerConfig
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.session import ConnectionContext, ListenerProtocol, State
+from ctrlgw.protocol.writethrough import writeNow
 
 log = Logger()
 
@@ -167,7 +168,7 @@ class TelematicsProtocol(ListenerProtocol):
 
     def _write(self, chunks: Sequence[bytes]) -> None:
         if chunks and self.transport is not None and self.state is State.LIVE:
-            self.transport.write(b"".join(chunks))
+            writeNow(self.transport, b"".join(chunks))
             self.context.framesOut["ack"].inc(len(chunks))
 
     # --- the session's steps ---

@@ -22,6 +22,7 @@ from ctrlgw.dialects.telematics import TelematicsProtocol
 from ctrlgw.interfaces import Session
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.session import State
+from ctrlgw.protocol.writethrough import writeNow
 
 # A command's text: printable ASCII, as Teltonika's SMS/GPRS commands are.
 MAX_COMMAND = 1024
@@ -108,7 +109,7 @@ class TeltonikaProtocol(TelematicsProtocol):
     def writeCommand(self, commandId: str, body: object, expiresMs: int) -> None:
         frame = codec.codec12(codec.COMMAND, commandText(body))
         assert self.transport is not None
-        self.transport.write(frame)
+        writeNow(self.transport, frame)
         self.outstanding = commandId
         self.context.framesOut["cmd"].inc()
 

@@ -25,6 +25,7 @@ from ctrlgw.protocol.session import (
     SessionProtocol,
     State,
 )
+from ctrlgw.protocol.writethrough import writeNow
 
 __all__ = ["PEER_CLOSED", "ConnectionContext", "ControllerProtocol", "State"]
 
@@ -179,7 +180,7 @@ class ControllerProtocol(SessionProtocol):
         # Only reached once connected: from frames, timers armed in connectionMade, claims
         # it started, and close() after its own check.
         assert self.transport is not None
-        self.transport.write(self.framing.frame(v1.encode(kind, ts, **fields)))
+        writeNow(self.transport, self.framing.frame(v1.encode(kind, ts, **fields)))
         self.context.framesOut[kind].inc()
         return ts
 
