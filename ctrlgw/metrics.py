@@ -327,7 +327,8 @@ class Metrics:
         )
         self.streamBehind = Gauge(
             "ctrlgw_stream_group_behind_entries",
-            "Entries a consumer group has not taken yet, counted up to [stream] max_entries.",
+            "Entries a consumer group has not taken yet: counted up to 10,000, estimated from"
+            " the positions drawn past that, at most [stream] max_entries.",
             ["group"],
             registry=r,
         )

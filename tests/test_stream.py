@@ -419,6 +419,94 @@ class RetentionTests(StreamTestCase):
         self.assertEqual(ids(await self.store.readStream("slow", 100, 30)), [f"a{n}" for n in range(6, 10)])
 
 
+class RetentionCostTests(StreamTestCase):
+    """
+    Retention and the groups' progress read what they remove and what a group has to
+    catch up on (up to 10,000 entries), not the stream: every instance runs both every
+    retain_interval.
+    """
+
+    async def presence(self, count: int, at: str = "clock_timestamp()") -> None:
+        await self.db.runOperation(
+            "p", f"INSERT INTO stream (kind, controller_id, at, body)"
+            f" SELECT 'presence', 'P', {at}, '{{}}' FROM generate_series(1, {count})"
+        )
+
+    async def rowsRead(self, statement: str) -> tuple[Any, int]:
+        """
+        What C{statement} answers, and how many rows of the stream it read (by index or
+        scan), from the statistics of its own transaction.
+        """
+        connection = await self.transaction()
+        rows = await connection.runQuery(statement)
+        (read,) = await connection.runQuery(
+            "SELECT pg_stat_get_xact_tuples_fetched('stream'::regclass)"
+            " + pg_stat_get_xact_tuples_returned('stream'::regclass)"
+        )
+        await connection.runOperation("ROLLBACK")
+        return rows, read[0]
+
+    @deferred
+    async def test_retentionReadsTheOldestBatchOnly(self) -> None:
+        """
+        With 20,000 entries none of which is old enough, a round reads about one batch;
+        below the cap by far it does not count the stream.
+        """
+        await self.presence(20_000)
+        rows, read = await self.rowsRead("SELECT stream_retain('1 hour', 1000000, 100)")
+        self.assertEqual(rows, [(0,)])
+        self.assertLess(read, 300)
+
+    @deferred
+    async def test_retentionRemovesTheOldOnesOfTheOldestBatch(self) -> None:
+        """
+        Old entries at the oldest end go a batch per call; an old entry behind a newer one
+        waits for a later round, and nothing newer than keep goes.
+        """
+        await self.presence(5, "now() - interval '2 hours'")
+        await self.presence(1)
+        await self.presence(2, "now() - interval '2 hours'")
+        self.assertEqual(await self.store.retainStream(3600, 1000, 3), 3)
+        self.assertEqual(await self.store.retainStream(3600, 1000, 3), 2)
+        (left,) = await self.db.runQuery("l", "SELECT count(*) FROM stream")
+        self.assertEqual(left[0], 3)
+        self.assertEqual(await self.store.retainStream(0, 1000, 10), 3)
+
+    @deferred
+    async def test_theCapIsCountedNearIt(self) -> None:
+        """
+        Within 100,000 entries of the cap, the stream is counted and the excess goes.
+        """
+        await self.presence(1_050)
+        self.assertEqual(await self.store.retainStream(3600, 1000, 10_000), 50)
+        (left,) = await self.db.runQuery("l", "SELECT count(*) FROM stream")
+        self.assertEqual(left[0], 1000)
+
+    @deferred
+    async def test_behindExactUpTo10000ThenFromThePositions(self) -> None:
+        """
+        A group's `behind` is exact up to 10,000 entries; past that it is the positions
+        drawn after its cursor (rolled-back ones included), read without counting them.
+        """
+        await self.store.readStream("slow", 1, 30)
+        await self.presence(9_000)
+        ((_, _, _, behind, _),), _ = await self.rowsRead("SELECT * FROM stream_group_status()")
+        self.assertEqual(behind, 9_000)
+        await self.presence(6_000)
+        rolledBack = await self.transaction(
+            "INSERT INTO stream (kind, controller_id, body)"
+            " SELECT 'presence', 'R', '{}' FROM generate_series(1, 500)"
+        )
+        await rolledBack.runOperation("ROLLBACK")
+        await self.presence(1_000)
+        ((_, _, _, behind, _),), read = await self.rowsRead("SELECT * FROM stream_group_status()")
+        self.assertEqual(behind, 16_500)
+        self.assertLess(read, 10_100)
+        # The limit still caps it.
+        ((_, _, _, behind, _),), _ = await self.rowsRead("SELECT * FROM stream_group_status(12000)")
+        self.assertEqual(behind, 12_000)
+
+
 class ConcurrencyTests(StreamTestCase):
     timeout = 120
 
