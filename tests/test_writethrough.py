@@ -138,6 +138,17 @@ class LoopbackTests(TestCase):
         self.assertEqual(self.peer.received, b"bye\nlate\n")
 
     @inlineCallbacks
+    def test_abortedConnectionSendsNothingMore(self):  # type: ignore[no-untyped-def]
+        """
+        After abortConnection nothing more reaches the peer, as with transport.write (the
+        abort drops what is queued): a frame written in the same turn is not sent.
+        """
+        self.transport.abortConnection()
+        writeNow(self.transport, b"after the abort\n")
+        yield self.peer.lost
+        self.assertEqual(self.peer.received, b"")
+
+    @inlineCallbacks
     def test_peerGoneIsReportedAsLost(self):  # type: ignore[no-untyped-def]
         """
         A send that fails (the peer reset the connection) is left to the transport, which

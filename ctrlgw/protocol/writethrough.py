@@ -7,8 +7,8 @@ reports it, and the send unregisters it again (another C{epoll_ctl}).  A gateway
 small frame per connection per event -- an ack, a ping, a command -- so that round costs
 more than the C{send} itself: at 15,000 idle controllers it was a fifth of the gateway's
 time.  L{writeNow} sends such a frame at once when the connection has nothing queued, and
-leaves everything else (a queue to keep in order, TLS, a closing connection, a wrapped
-transport, a socket buffer that is full) to the transport's own C{write}.
+leaves everything else (a queue to keep in order, TLS, a closing or aborted connection, a
+wrapped transport, a socket buffer that is full) to the transport's own C{write}.
 """
 
 from __future__ import annotations
@@ -25,14 +25,16 @@ _PLAIN_TCP = (tcp.Server, tcp.Client)
 def writeNow(transport: Any, data: bytes) -> None:
     """
     Write C{data} to C{transport}: sent at once when it is a plain TCP connection with
-    nothing queued and not closing, the rest (what the kernel did not take) queued as C{transport.write}
-    would.
+    nothing queued that is neither closing nor aborted, the rest (what the kernel did not
+    take) queued behind it as C{transport.write} would.  Otherwise C{transport.write} it:
+    an aborted connection drops it, as it drops everything it had queued.
     """
     if (
         type(transport) not in _PLAIN_TCP
         or transport.TLS
         or not transport.connected
         or transport.disconnecting
+        or transport._aborting
         or transport._writeDisconnected
         or transport.dataBuffer
         or transport._tempDataBuffer
