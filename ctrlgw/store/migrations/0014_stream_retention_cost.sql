@@ -11,7 +11,8 @@
 --                        each instance (two such groups: 280 ms of a server core).
 -- Now:
 --   stream_retain        looks at the p_batch oldest entries only (a key range of the
---                        primary key) and removes those older than `keep`; entries a little
+--                        primary key, whichever plan is cached) and removes those older
+--                        than `keep`; entries a little
 --                        out of `at` order behind a newer one go in a later round.  The
 --                        stream is counted only when the positions drawn since its oldest
 --                        entry say it may be within 100,000 entries of the cap.
@@ -38,10 +39,18 @@ BEGIN
         UNION ALL
         SELECT p.xid, p.position FROM stream_pending p
     ) x ORDER BY x.xid, x.position LIMIT 1;
+    -- With no group, no bound: above every xid.  One condition, never "IS NULL OR": the
+    -- plan PL/pgSQL caches must be a range of the key whatever the bound (OR'd with a
+    -- test of a parameter, the cached plan walked the whole key to find nothing below a
+    -- group that had read nothing).
+    IF low_xid IS NULL THEN
+        low_xid := '18446744073709551615'::xid8;
+        low_position := 0;
+    END IF;
 
     WITH head AS (
         SELECT s.xid, s.position, s.at FROM stream s
-        WHERE low_xid IS NULL OR (s.xid, s.position) < (low_xid, low_position)
+        WHERE (s.xid, s.position) < (low_xid, low_position)
         ORDER BY s.xid, s.position
         LIMIT p_batch
     )
