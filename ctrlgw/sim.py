@@ -121,6 +121,8 @@ class SimController(Protocol):
         self.controller = controller
         self.framing: IFraming = fleet.makeFraming()
         self.live = False
+        # In the fleet's queue of controllers below their window (closed loop only).
+        self.queued = False
         self._helloAt = 0.0
         self._pending: dict[str, float] = {}
         self._order: deque[str] = deque()
@@ -183,6 +185,7 @@ class SimController(Protocol):
             if sentAt is not None:
                 stats.acks += 1
                 stats.ackMs.append((self.now() - sentAt) * 1000)
+                self.fleet.offerRoom(self)
         elif kind == "ping":
             self.send("pong", echo=frame.get("ts"))
         elif kind == "cmd":
@@ -229,6 +232,9 @@ class Fleet:
         self._sliceCall: IDelayedCall | None = None
         self._connections: dict[str, SimController] = {}
         self._next = 0
+        # Closed loop (a window): the live controllers below it, in the order they got
+        # room, so finding one costs O(1) however many are at their window.
+        self._withRoom: deque[SimController] = deque()
         self._sequence = 0
         self._credit = 0.0
         self._recentIds: deque[tuple[SimController, str]] = deque(maxlen=1000)
@@ -319,6 +325,7 @@ class Fleet:
         self._failures.pop(protocol.controller, None)
         self._liveIndex[protocol.controller] = len(self._live)
         self._live.append(protocol)
+        self.offerRoom(protocol)
         self.stats.connected = len(self._live)
         if not self._frozen and self.stats.connected == self.options.controllers:
             # The whole fleet is up: its objects out of the collector's way.  A full
@@ -370,15 +377,30 @@ class Fleet:
                 messageId = f"m{self._sequence}"
                 self._recentIds.append((protocol, messageId))
             protocol.sendMsg(messageId, {"seq": self._sequence, "pad": self._body})
+            self.offerRoom(protocol)
+
+    def offerRoom(self, protocol: SimController) -> None:
+        """
+        Queue a live controller that is below its window (to the back: round robin).
+        """
+        window = self.options.window
+        if (window > 0 and not protocol.queued and protocol.live
+                and len(protocol._pending) < window):
+            protocol.queued = True
+            self._withRoom.append(protocol)
 
     def _nextWithRoom(self) -> SimController | None:
-        window = self.options.window
-        for _ in range(len(self._live)):
-            protocol = self._live[self._next % len(self._live)]
-            self._next += 1
-            if window <= 0 or len(protocol._pending) < window:
-                return protocol
-        return None
+        if self.options.window > 0:
+            while self._withRoom:
+                protocol = self._withRoom.popleft()
+                protocol.queued = False
+                # Gone since it was queued: a new connection for the id queues itself.
+                if self._connections.get(protocol.controller) is protocol:
+                    return protocol
+            return None
+        protocol = self._live[self._next % len(self._live)]
+        self._next += 1
+        return protocol
 
     def storm(self) -> None:
         """

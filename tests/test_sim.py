@@ -121,6 +121,24 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(len([f for f in network.frames(first) if f["type"] == "msg"]), 4)
         self.assertEqual(fleet.stats.msgs, 7)
 
+    def test_windowSkipsAControllerLostWithRoom(self) -> None:
+        """
+        A controller that got room (an ack) and then lost its connection is not sent to:
+        with the other at its window, the offer waits.
+        """
+        clock, network, fleet = self.fleet(controllers=2, rate=1000.0, window=3)
+        for _, protocol in network.dials:
+            welcome(protocol)
+        clock.advance(0.5)
+        first = network.dials[0][1]
+        sent = [f for f in network.frames(first) if f["type"] == "msg"]
+        first.dataReceived(json.dumps({"type": "ack", "ts": 1, "ref": sent[0]["id"]}).encode() + b"\n")
+        written = len(network.frames(first))
+        first.connectionLost(None)
+        clock.advance(0.05)
+        self.assertEqual(len(network.frames(first)), written)
+        self.assertEqual(fleet.stats.msgs, 6)
+
     def test_answersPingsAndAcksCommands(self) -> None:
         clock, network, fleet = self.fleet(controllers=1)
         (_, protocol), = network.dials
