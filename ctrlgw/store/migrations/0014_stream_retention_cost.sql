@@ -10,24 +10,28 @@
 --                        group left behind by 900,000 entries cost 140 ms, each round, on
 --                        each instance (two such groups: 280 ms of a server core).
 -- Now:
---   stream_retain        looks at the p_batch oldest entries only (a key range of the
---                        primary key, whichever plan is cached) and removes those older
---                        than `keep`; entries a little
---                        out of `at` order behind a newer one go in a later round.  The
---                        stream is counted only when the positions drawn since its oldest
---                        entry say it may be within 100,000 entries of the cap, and past
---                        the cap the oldest entries go as a range of the key (they were
---                        joined with a list of themselves, which the planner made a hash
---                        join over the whole stream: 330 ms per batch of 5,000 at
---                        1,000,000 entries).
+--   stream_retain        looks at the p_batch oldest entries only and removes those older
+--                        than `keep` (one a little out of `at` order behind a newer one
+--                        goes in a later round).  The stream is counted only when the
+--                        positions drawn since its oldest entry say it may be within
+--                        100,000 entries of the cap.  Neither removal joins the stream with
+--                        a list of its entries, which the planner made a hash join over the
+--                        whole stream (210 ms for keep, 330 ms past the cap, per batch of
+--                        5,000 at 1,000,000 entries): keep's batch goes by row address, the
+--                        entries past the cap as a range of the key, planned for each
+--                        call's bounds (a plan cached for any bound scanned the whole
+--                        stream too).
 --   stream_group_status  `behind` is exact up to 10,000 entries (a count that stops there);
 --                        past that it is the positions drawn after the group's cursor (or
 --                        the oldest entry), which counts entries rolled back or removed out
 --                        of order among them too: an estimate, never below 10,001.
 
+-- Planned for the bounds of each call (plan_cache_mode): in a plan cached for any bound, a
+-- range of the key bounded by a parameter is estimated at a third of the stream, and a
+-- batch of 5,000 was removed by scanning the whole stream (90 ms at 940,000 entries).
 CREATE OR REPLACE FUNCTION stream_retain(p_keep interval, p_max_entries bigint, p_batch integer)
 RETURNS bigint
-LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT SET plan_cache_mode = force_custom_plan AS $$
 DECLARE
     low_xid xid8;
     low_position bigint;
@@ -43,23 +47,25 @@ BEGIN
         UNION ALL
         SELECT p.xid, p.position FROM stream_pending p
     ) x ORDER BY x.xid, x.position LIMIT 1;
-    -- With no group, no bound: above every xid.  One condition, never "IS NULL OR": the
-    -- plan PL/pgSQL caches must be a range of the key whatever the bound (OR'd with a
-    -- test of a parameter, the cached plan walked the whole key to find nothing below a
-    -- group that had read nothing).
+    -- With no group, no bound: above every xid, so the look-up below is one range.
     IF low_xid IS NULL THEN
         low_xid := '18446744073709551615'::xid8;
         low_position := 0;
     END IF;
 
-    WITH head AS (
-        SELECT s.xid, s.position, s.at FROM stream s
-        WHERE (s.xid, s.position) < (low_xid, low_position)
-        ORDER BY s.xid, s.position
-        LIMIT p_batch
-    )
-    DELETE FROM stream s USING head d
-    WHERE d.at < now() - p_keep AND s.xid = d.xid AND s.position = d.position;
+    -- Of the p_batch oldest entries below the bound, those older than keep go, each
+    -- reached by its row address (joined with the list of them by key, the planner made
+    -- that a hash join over the whole stream: 210 ms for a batch of 5,000 at 1,000,000
+    -- entries).
+    DELETE FROM stream s
+    WHERE s.ctid = ANY (ARRAY(
+        SELECT h.ctid FROM (
+            SELECT t.ctid, t.at FROM stream t
+            WHERE (t.xid, t.position) < (low_xid, low_position)
+            ORDER BY t.xid, t.position
+            LIMIT p_batch
+        ) h
+        WHERE h.at < now() - p_keep));
     GET DIAGNOSTICS n = ROW_COUNT;
     deleted := deleted + n;
 
@@ -80,9 +86,9 @@ BEGIN
         WHERE (l.xids[1], l.positions[1]) <= (last_xid, last_position)
         ORDER BY l.group_name, l.lease_id
         FOR UPDATE;
-        -- The entries up to that one are reached as a range of the key, never joined with
-        -- a list of them: estimated at a third of the stream, that join read the whole
-        -- stream into a hash table (270 of the 330 ms a batch of 5,000 took at 1,000,000).
+        -- The entries up to that one, as a range of the key (joined with a list of them,
+        -- they were read into a hash table whole: 270 of the 330 ms a batch of 5,000
+        -- took at 1,000,000 entries).
         WITH lost AS (
             SELECT g.group_name,
                    (SELECT count(*) FROM stream s
