@@ -415,11 +415,23 @@ async def scenarioCommands(ctx: Context, gw: GatewayProcess, n: int) -> tuple[di
     if len(ids) != n:
         raise RuntimeError(f"{len(ids)} of {n} simulated controllers online")
     errors: list[Failure] = []
+    # Each send() from the call to its result: the application's own commit, which every
+    # command's latency includes (and PgQueuer's enqueue its own); and when it returned, by
+    # command id, for what comes after it.
+    sendMs: list[float] = []
+    returnedMs: dict[str, float] = {}
+
+    def returned(rows: list[tuple[Any, ...]], sentAt: float) -> None:
+        now = time.time()
+        sendMs.append((now - sentAt) * 1000)
+        returnedMs[str(rows[0][0])] = now * 1000
 
     def sendOne(i: int) -> None:
-        body = json.dumps({"sent_ms": time.time() * 1000, "i": i})
+        sentAt = time.time()
+        body = json.dumps({"sent_ms": sentAt * 1000, "i": i})
         d = ctx.pool.runQuery(f"SELECT {ctx.schema}.send(%s, %s::jsonb, interval '30 seconds')",
                               (ids[i % n], body))
+        d.addCallback(returned, sentAt)
         d.addErrback(errors.append)
 
     started = time.time()
@@ -432,10 +444,14 @@ async def scenarioCommands(ctx: Context, gw: GatewayProcess, n: int) -> tuple[di
         errors[0].raiseException()
     await ended
     with open(raw) as f:
-        latencies: list[float] = json.load(f)["cmd_ms"]
+        raw = json.load(f)
+    latencies: list[float] = raw["cmd_ms"]
+    afterCall = [readMs - returnedMs[i] for i, readMs in raw["cmd_reads"] if i in returnedMs]
     if len(latencies) != count:
         raise RuntimeError(f"{len(latencies)} of {count} commands reached the simulated fleet")
-    return ({"controllers": n, "commands": count, **latencySummary(latencies)},
+    return ({"controllers": n, "commands": count, **latencySummary(latencies),
+             "call_p50_ms": percentile(sendMs, 0.50), "call_p99_ms": percentile(sendMs, 0.99),
+             "after_call_p50_ms": percentile(afterCall, 0.50), "after_call_p99_ms": percentile(afterCall, 0.99)},
             {"cmd_ms": quantiles(latencies)})
 
 

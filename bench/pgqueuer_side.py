@@ -3,8 +3,9 @@ The PgQueuer side of the benchmark, in its own process (PgQueuer is asyncio; the
 Twisted).  Prints one JSON object on standard output.
 
   latency --dsn URI --database DB --rate R --seconds S
-      single enqueue() calls paced at R/s for S seconds; latency = just before the enqueue
-      call to the handler's start (the payload carries the time it was sent)
+      single enqueue() calls paced at R/s for S seconds, each issued on schedule on the next
+      free connection of a pool of 8 (as the gateway's side sends); latency = just before
+      the enqueue call to the handler's start (the payload carries the time it was sent)
   drain --dsn URI --database DB --jobs N --batch B
       N jobs enqueued first (batched inserts, not timed), then one worker drains them at
       batch size B: jobs per second from the worker's start to the queue empty
@@ -55,38 +56,68 @@ async def install(connection: asyncpg.Connection) -> None:
 
 async def latency(args: argparse.Namespace) -> dict[str, Any]:
     consumer = await connect(args)
-    producer = await connect(args)
-    await install(producer)
+    producers = [await connect(args) for _ in range(args.connections)]
+    await install(producers[0])
     pgq = PgQueuer(AsyncpgDriver(consumer))
     latencies: list[float] = []
+    handledMs: dict[int, float] = {}  # by job id: when the handler started
+    returnedMs: dict[int, float] = {}  # by job id: when its enqueue() returned
 
     @pgq.entrypoint(ENTRYPOINT)
     async def handle(job: Job) -> None:
         assert job.payload is not None
-        latencies.append(time.time() * 1000 - json.loads(job.payload)["sent_ms"])
+        now = time.time() * 1000
+        latencies.append(now - json.loads(job.payload)["sent_ms"])
+        handledMs[int(job.id)] = now
 
     worker = asyncio.create_task(pgq.run(batch_size=args.batch))
     await asyncio.sleep(0.5)  # the worker's LISTEN is in place before the first job
-    queries = Queries(AsyncpgDriver(producer))
+    # As the gateway's side sends: each call issued on schedule, whether or not earlier
+    # ones have returned, on the next free connection of the pool.  Awaiting each call
+    # before the next would start every call after a slow commit late, and leave the
+    # time it waited out of its latency.
+    free: asyncio.Queue[Queries] = asyncio.Queue()
+    for producer in producers:
+        free.put_nowait(Queries(AsyncpgDriver(producer)))
+
+    callMs: list[float] = []
+
+    async def enqueueOne(i: int) -> None:
+        sentMs = time.time() * 1000
+        queries = await free.get()
+        try:
+            ids = await queries.enqueue(ENTRYPOINT, json.dumps({"sent_ms": sentMs, "i": i}).encode())
+        finally:
+            free.put_nowait(queries)
+        now = time.time() * 1000
+        callMs.append(now - sentMs)
+        returnedMs[int(ids[0])] = now
+
     count = int(args.rate * args.seconds)
+    calls: list[asyncio.Task[None]] = []
     started = time.monotonic()
     for i in range(count):
         due = started + i / args.rate
         delay = due - time.monotonic()
-        if delay > 0:
+        if delay > 0.001:
             await asyncio.sleep(delay)
-        await queries.enqueue(ENTRYPOINT, json.dumps({"sent_ms": time.time() * 1000, "i": i}).encode())
+        calls.append(asyncio.create_task(enqueueOne(i)))
+    await asyncio.gather(*calls)
     deadline = time.monotonic() + 10
     while len(latencies) < count and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
     pgq.shutdown.set()
     await worker
+    afterCall = [handledMs[i] - returnedMs[i] for i in handledMs if i in returnedMs]
     await consumer.close()
-    await producer.close()
+    for producer in producers:
+        await producer.close()
     return {
         "jobs": count, "handled": len(latencies), "rate": args.rate, "seconds": args.seconds,
         "batch": args.batch, "p50_ms": percentile(latencies, 0.50),
         "p99_ms": percentile(latencies, 0.99), "max_ms": max(latencies, default=None),
+        "call_p50_ms": percentile(callMs, 0.50), "call_p99_ms": percentile(callMs, 0.99),
+        "after_call_p50_ms": percentile(afterCall, 0.50), "after_call_p99_ms": percentile(afterCall, 0.99),
         "latencies_ms": latencies,
     }
 
@@ -126,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
             p.add_argument("--rate", type=float, default=500.0)
             p.add_argument("--seconds", type=float, default=10.0)
             p.add_argument("--batch", type=int, default=10)
+            p.add_argument("--connections", type=int, default=8, help="the producers' pool")
         else:
             p.add_argument("--jobs", type=int, default=100_000)
             p.add_argument("--batch", type=int, default=100)

@@ -92,6 +92,9 @@ class Stats:
     welcomeMs: list[float] = field(default_factory=list)
     ackMs: list[float] = field(default_factory=list)
     cmdMs: list[float] = field(default_factory=list)
+    # (command id, wall-clock ms when its cmd frame was read): to join with the sender's
+    # own records, as make bench does with the time each send() returned.
+    cmdReads: list[tuple[str, float]] = field(default_factory=list)
 
     def counters(self) -> dict[str, int]:
         return {
@@ -191,6 +194,7 @@ class SimController(Protocol):
         elif kind == "cmd":
             stats.cmds += 1
             stats.cmdMs.append(self.fleet.commandLatencyMs(frame))
+            stats.cmdReads.append((str(frame.get("id")), self.now() * 1000))
             if self.fleet.options.ack:
                 self.send("ack", ref=frame.get("id"))
         elif kind == "error":
@@ -611,6 +615,7 @@ async def runWorkers(
         total.welcomeMs += worker.final["welcome_ms"]
         total.ackMs += worker.final["msg_ack_ms"]
         total.cmdMs += worker.final["cmd_ms"]
+        total.cmdReads += [(i, t) for i, t in worker.final["cmd_reads"]]
     return total
 
 
@@ -719,7 +724,7 @@ async def simCommand(reactor: Any, args: Any, out: TextIO, err: TextIO) -> int:
 
         stats = await runSim(reactor, options, tick)
         final = summary(stats, options.duration)
-        final.update({"counters": stats.counters(), **stats.latencies()})
+        final.update({"counters": stats.counters(), **stats.latencies(), "cmd_reads": stats.cmdReads})
         out.write(json.dumps({"final": final}) + "\n")
         return 0
     progress = ProgressPrinter(err)
@@ -732,5 +737,5 @@ async def simCommand(reactor: Any, args: Any, out: TextIO, err: TextIO) -> int:
     out.write(json.dumps(result, indent=2) + "\n")
     if args.json is not None:
         with open(args.json, "w") as f:
-            json.dump({"summary": result, **stats.latencies()}, f)
+            json.dump({"summary": result, **stats.latencies(), "cmd_reads": stats.cmdReads}, f)
     return 0

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.trial.unittest import SynchronousTestCase
@@ -154,6 +154,7 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(frames[1]["echo"], 42)
         self.assertEqual((frames[2]["type"], frames[2]["ref"]), ("ack", "c1"))
         self.assertEqual(fleet.stats.cmdMs, [7.0])
+        self.assertEqual(fleet.stats.cmdReads, [("c1", EPOCH * 1000)])
 
     def test_reconnectWithBackoffToTheNextEndpoint(self) -> None:
         """
@@ -265,17 +266,28 @@ class SimAgainstGatewayTests(PostgresTestCase):
     async def test_commandWithProcs(self) -> None:
         """
         ctrlgw sim as users run it, with two processes: the summary adds them up, and
-        --json writes the raw latencies.
+        --json writes the raw latencies and, by command id, when each cmd was read.
         """
         gateway = await startGateway(self, self.dsn, self.schema, "gw-sim", {})
         out = self.mktemp()
-        stdout, stderr, code = await getProcessOutputAndValue(
+        running = getProcessOutputAndValue(
             sys.executable,
             ["-c", "from ctrlgw.cli import main; main()", "sim",
              f"127.0.0.1:{listenerPort(gateway)}", "-n", "20", "--rate", "50",
              "--duration", "2", "--procs", "2", "--json", out],
             env=dict(os.environ), reactor=reactor,
         )
+        # One command to a controller of each process (each has its own prefix), once both
+        # are online.
+        for _ in range(100):
+            online = await self.db.runQuery(
+                "test", "SELECT count(*) FROM sessions WHERE online AND controller_id IN ('sim-0-0', 'sim-1-0')")
+            if online == [(2,)]:
+                break
+            await deferLater(reactor, 0.05)
+        sent = [(await self.db.runQuery("test", "SELECT send(%s, '{}')::text", (c,)))[0][0]
+                for c in ("sim-0-0", "sim-1-0")]
+        stdout, stderr, code = await running
         self.assertEqual(code, 0, stderr)
         summary = json.loads(stdout)
         self.assertEqual(summary["welcomes"], 20)
@@ -287,6 +299,8 @@ class SimAgainstGatewayTests(PostgresTestCase):
             raw = json.load(f)
         self.assertEqual(len(raw["msg_ack_ms"]), summary["acks"])
         self.assertEqual(len(raw["welcome_ms"]), 20)
+        self.assertEqual(sorted(i for i, _ in raw["cmd_reads"]), sorted(sent))
+        self.assertEqual(summary["cmds"], 2)
         rows = await self.db.runQuery(
             "test", "SELECT count(DISTINCT controller_id) FROM sessions WHERE controller_id LIKE 'sim-%%'"
         )
