@@ -455,6 +455,41 @@ async def scenarioCommands(ctx: Context, gw: GatewayProcess, n: int) -> tuple[di
             {"cmd_ms": quantiles(latencies)})
 
 
+async def scenarioCommitProbe(ctx: Context) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    The floor under every command's latency: what send() commits without the gateway, an
+    INSERT and a NOTIFY in one transaction, at the same rate and on the same pool, with no
+    fleet connected and no one listening.
+    """
+    sizes = ctx.sizes
+    table = f"{ctx.schema}.bench_commit_probe"
+    await ctx.pool.runOperation(f"CREATE TABLE IF NOT EXISTS {table} (id bigserial PRIMARY KEY, body jsonb)")
+    commitMs: list[float] = []
+    errors: list[Failure] = []
+
+    def commitOne() -> Deferred[None]:
+        startedAt = time.time()
+        d: Deferred[None] = ctx.pool.runOperation(
+            f"INSERT INTO {table} (body) VALUES ('{{}}'); SELECT pg_notify('{ctx.schema}_probe', '')")
+        d.addCallback(lambda _: commitMs.append((time.time() - startedAt) * 1000))
+        d.addErrback(errors.append)
+        return d
+
+    count = int(sizes.commandRate * sizes.commandSeconds)
+    calls = []
+    started = time.time()
+    for i in range(count):
+        delay = started + i / sizes.commandRate - time.time()
+        if delay > 0.001:
+            await sleep(delay)
+        calls.append(commitOne())
+    for d in calls:
+        await d
+    if errors:
+        errors[0].raiseException()
+    return {"commits": count, **latencySummary(commitMs)}, {}
+
+
 async def scenarioBacklog(ctx: Context, gw: GatewayProcess) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     The fleet connected, then the backlog enqueued with send_many (10,000 per statement);
@@ -1075,6 +1110,7 @@ async def runScenarios(ctx: Context, args: argparse.Namespace, where: str) -> di
             return r, {"latency_ms": quantiles(samples)}
 
         cmd["pgqueuer"] = await repeat("commands pgqueuer", args.repeat, pgqLatency)
+        cmd["commit"] = await repeat("commands commit probe", args.repeat, lambda: scenarioCommitProbe(ctx))
         return cmd
 
     async def backlog() -> dict[str, Any]:

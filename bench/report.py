@@ -247,6 +247,13 @@ def render(result: dict[str, Any], docs: str) -> str:
                 for n, entry in cmd["fleets"].items() if entry["median"].get("after_call_p99_ms") is not None)
             out.append(f"- After the call, p99 / PgQueuer's (not a target: the commit each side waits for is "
                        f"left out): {ratios}\n")
+        if "commit" in cmd:
+            c = cmd["commit"]["median"]
+            out.append(f"- The floor, in the same run: an `INSERT` and a `NOTIFY` committed in one transaction "
+                       f"(what `send()` commits), {fmt(z['commandRate'])} a second on the same pool, with no fleet "
+                       f"connected: p50 {fmt(c['p50_ms'], 2)} ms, p99 {fmt(c['p99_ms'], 1)} ms, "
+                       f"max {fmt(c['max_ms'], 1)} ms (runs' p99: "
+                       + " / ".join(fmt(r["p99_ms"], 1) for r in cmd["commit"]["runs"]) + " ms)\n")
 
     section("commands", "1. Command latency against fleet size", section_commands)
 

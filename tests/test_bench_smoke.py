@@ -61,12 +61,18 @@ class BenchSmokeTests(TestCase):
         self.assertEqual(sorted(int(n) for n in fleets), result["sizes"]["fleets"])
         for entry in fleets.values():
             figures = entry["median"]
-            for key in ("p50_ms", "p99_ms", "max_ms"):
+            for key in ("p50_ms", "p99_ms", "max_ms", "call_p99_ms", "after_call_p99_ms"):
                 self.assertTrue(isNumber(figures[key]), (key, figures))
             self.assertEqual(len(entry["series"]["cmd_ms"]), figures["commands"])
+            # The split at the commit: the part after it is less than the whole.
+            self.assertLess(figures["after_call_p50_ms"], figures["p50_ms"])
         pgq = s["commands"]["pgqueuer"]["median"]
         self.assertEqual(pgq["handled"], pgq["jobs"])
-        self.assertTrue(isNumber(pgq["p99_ms"]))
+        for key in ("p99_ms", "call_p99_ms", "after_call_p99_ms"):
+            self.assertTrue(isNumber(pgq[key]), (key, pgq))
+        commit = s["commands"]["commit"]["median"]
+        self.assertEqual(commit["commits"], result["sizes"]["commandRate"] * result["sizes"]["commandSeconds"])
+        self.assertTrue(isNumber(commit["p99_ms"]))
 
         for side in ("ctrlgw", "pgqueuer"):
             self.assertGreater(s["backlog"][side]["median"]["per_second"], 0)
