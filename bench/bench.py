@@ -1038,14 +1038,16 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if dsn is None:
         import pgserver
 
-        server = pgserver.get_server(tempfile.mkdtemp(prefix="ctrlgw-bench-pg-"), cleanup_mode="delete")
+        server = pgserver.get_server(tempfile.mkdtemp(prefix="ctrlgw-bench-pg-", dir=args.pg_dir), cleanup_mode="delete")
         dsn = server.get_uri()
     tag = uuid.uuid4().hex[:8]
     ctx = Context(dsn=dsn, schema="bench_" + tag, pgqueuerDatabase="bench_pgqueuer_" + tag, workdir=tempfile.mkdtemp(prefix="ctrlgw-bench-"),
                   settings=args.settings, sizes=sizes)
     ctx.pool = ConnectionPool(None, dsn, min=8)
     try:
-        return await runScenarios(ctx, args, "embedded (pgserver)" if server is not None else "--dsn")
+        where = "--dsn" if server is None else (
+            "embedded (pgserver)" if args.pg_dir is None else f"embedded (pgserver), its data in {args.pg_dir}")
+        return await runScenarios(ctx, args, where)
     finally:
         for gw in list(ctx.gateways):
             await gw.stop()
@@ -1145,6 +1147,9 @@ def parseArgs(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="ctrlgw benchmarks (writes var/bench.json and docs/benchmarks.md)")
     p.add_argument("--smoke", action="store_true", help="every scenario at tiny sizes, repeat 1; writes under var/")
     p.add_argument("--dsn", default=None, help="a postgresql:// URI instead of the embedded PostgreSQL")
+    p.add_argument("--pg-dir", default=None, metavar="DIR",
+                   help="where the embedded PostgreSQL's data directory goes (the system's temporary"
+                   " folder); /dev/shm takes the disk's flushes out of every figure")
     p.add_argument("--repeat", type=int, default=None, help="runs per figure; the median is reported (3)")
     p.add_argument("--json", default=None, help="where the run's JSON goes (var/bench.json)")
     p.add_argument("--docs", default=None, help="folder for benchmarks.md and bench/*.png (docs)")
