@@ -139,6 +139,18 @@ async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
+async def paced(count: int, rate: float, call: Callable[[int], object]) -> None:
+    """
+    call(0) .. call(count - 1) on schedule at rate a second, none waiting for another.
+    """
+    started = time.time()
+    for i in range(count):
+        delay = started + i / rate - time.time()
+        if delay > 0.001:
+            await sleep(delay)
+        call(i)
+
+
 async def waitFor(check: Callable[[], bool], timeout: float, what: str | Callable[[], str],
                   step: float = 0.01) -> float:
     """
@@ -434,19 +446,14 @@ async def scenarioCommands(ctx: Context, gw: GatewayProcess, n: int) -> tuple[di
         d.addCallback(returned, sentAt)
         d.addErrback(errors.append)
 
-    started = time.time()
-    for i in range(count):
-        delay = started + i / sizes.commandRate - time.time()
-        if delay > 0.001:
-            await sleep(delay)
-        sendOne(i)
+    await paced(count, sizes.commandRate, sendOne)
     if errors:
         errors[0].raiseException()
     await ended
     with open(raw) as f:
-        raw = json.load(f)
-    latencies: list[float] = raw["cmd_ms"]
-    afterCall = [readMs - returnedMs[i] for i, readMs in raw["cmd_reads"] if i in returnedMs]
+        fleetRecord = json.load(f)
+    latencies: list[float] = fleetRecord["cmd_ms"]
+    afterCall = [readMs - returnedMs[i] for i, readMs in fleetRecord["cmd_reads"] if i in returnedMs]
     if len(latencies) != count:
         raise RuntimeError(f"{len(latencies)} of {count} commands reached the simulated fleet")
     return ({"controllers": n, "commands": count, **latencySummary(latencies),
@@ -467,22 +474,18 @@ async def scenarioCommitProbe(ctx: Context) -> tuple[dict[str, Any], dict[str, A
     commitMs: list[float] = []
     errors: list[Failure] = []
 
-    def commitOne() -> Deferred[None]:
+    calls: list[Deferred[None]] = []
+
+    def commitOne(i: int) -> None:
         startedAt = time.time()
         d: Deferred[None] = ctx.pool.runOperation(
             f"INSERT INTO {table} (body) VALUES ('{{}}'); SELECT pg_notify('{ctx.schema}_probe', '')")
         d.addCallback(lambda _: commitMs.append((time.time() - startedAt) * 1000))
         d.addErrback(errors.append)
-        return d
+        calls.append(d)
 
     count = int(sizes.commandRate * sizes.commandSeconds)
-    calls = []
-    started = time.time()
-    for i in range(count):
-        delay = started + i / sizes.commandRate - time.time()
-        if delay > 0.001:
-            await sleep(delay)
-        calls.append(commitOne())
+    await paced(count, sizes.commandRate, commitOne)
     for d in calls:
         await d
     if errors:
