@@ -106,6 +106,12 @@ class Stats:
     def latencies(self) -> dict[str, list[float]]:
         return {"welcome_ms": self.welcomeMs, "msg_ack_ms": self.ackMs, "cmd_ms": self.cmdMs}
 
+    def records(self) -> dict[str, Any]:
+        """
+        Every raw sample: the latencies and the commands' read times.
+        """
+        return {**self.latencies(), "cmd_reads": self.cmdReads}
+
 
 def percentile(values: Sequence[float], share: float) -> float | None:
     if not values:
@@ -724,7 +730,7 @@ async def simCommand(reactor: Any, args: Any, out: TextIO, err: TextIO) -> int:
 
         stats = await runSim(reactor, options, tick)
         final = summary(stats, options.duration)
-        final.update({"counters": stats.counters(), **stats.latencies(), "cmd_reads": stats.cmdReads})
+        final.update({"counters": stats.counters(), **stats.records()})
         out.write(json.dumps({"final": final}) + "\n")
         return 0
     progress = ProgressPrinter(err)
@@ -737,5 +743,5 @@ async def simCommand(reactor: Any, args: Any, out: TextIO, err: TextIO) -> int:
     out.write(json.dumps(result, indent=2) + "\n")
     if args.json is not None:
         with open(args.json, "w") as f:
-            json.dump({"summary": result, **stats.latencies(), "cmd_reads": stats.cmdReads}, f)
+            json.dump({"summary": result, **stats.records()}, f)
     return 0
