@@ -137,6 +137,13 @@ class DecodeErrorTests(SynchronousTestCase):
         for data in (b"", b"hello", b"{", b'{"type":"ping",}', b"{'type':'ping'}", b'{"a":1} x'):
             self.assertCode(v1.BAD_JSON, data)
 
+    def test_whitespaceAroundTheDocument(self) -> None:
+        """
+        JSON allows whitespace around a document; a frame with some decodes as one without.
+        """
+        for data in (b' {"type":"ping","ts":1}', b'{"type":"ping","ts":1}\r\n', b'\t{"type":"ping","ts":1} '):
+            self.assertEqual(v1.decode(data), v1.Ping(ts=1))
+
     def test_nonStandardConstants(self) -> None:
         """
         NaN and the infinities are not JSON, wherever they appear.

@@ -14,6 +14,7 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from json.encoder import c_make_encoder  # type: ignore[attr-defined]  # not in typeshed
 from typing import Any, TypeGuard
 
 CONTROLLER_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -158,6 +159,7 @@ def _storable(value: object) -> bool:
 # One decoder for every frame: json.loads with hooks builds a decoder, and its scanner, per
 # call (a tenth of the cost of a small frame).
 _decoder = json.JSONDecoder(parse_constant=_rejectConstant, parse_float=_finiteFloat)
+_scanOnce: Callable[[str, int], tuple[Any, int]] = _decoder.scan_once  # type: ignore[attr-defined]
 
 
 def loadJSON(payload: bytes) -> Any:
@@ -168,8 +170,18 @@ def loadJSON(payload: bytes) -> Any:
     @raise ValueError: it is not such JSON (C{UnicodeDecodeError} and C{RecursionError}
         included).
     """
+    text = payload.decode("utf-8")
     try:
-        return _decoder.decode(payload.decode("utf-8"))
+        # A frame is a document with no whitespace around it: the scanner alone reads it,
+        # without decode()'s two whitespace matches.  Anything else goes the long way,
+        # which also names the error.
+        try:
+            obj, end = _scanOnce(text, 0)
+        except StopIteration:
+            return _decoder.decode(text)
+        if end != len(text):
+            return _decoder.decode(text)
+        return obj
     except RecursionError as e:
         raise ValueError("nested too deeply") from e
 
@@ -267,6 +279,25 @@ _encoder = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan
 _asciiEncoder = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
+def _oneShot(encoder: json.JSONEncoder) -> Callable[[object], str]:
+    """
+    C{encoder.encode} without building its C encoder again on every call (more than half
+    the cost of encoding an ack).  Frames hold what JSON decoding or the database made, so
+    they cannot refer to themselves and need no check for cycles.
+    """
+    if c_make_encoder is None:
+        return encoder.encode
+    assert not encoder.ensure_ascii and encoder.indent is None
+    scan = c_make_encoder(
+        None, encoder.default, json.encoder.encode_basestring, None, encoder.key_separator,
+        encoder.item_separator, encoder.sort_keys, encoder.skipkeys, encoder.allow_nan,
+    )
+    return lambda value: "".join(scan(value, 0))
+
+
+_encodeText = _oneShot(_encoder)
+
+
 class RawJSON(str):
     """
     A JSON document as text, written into a frame as it is (a command body as PostgreSQL's
@@ -287,7 +318,7 @@ def encode(kind: str, ts: int, **fields: Any) -> bytes:
         else:
             frame[name] = value
     try:
-        encoded = _encoder.encode(frame).encode("utf-8")
+        encoded = _encodeText(frame).encode("utf-8")
     except UnicodeEncodeError:
         # A lone surrogate (a peer may send one as a \ud800 escape, e.g. in a msg id that
         # is echoed as a ref) has no UTF-8 form; escaped, it goes back exactly as it came.
