@@ -227,7 +227,7 @@ _SECTIONS: dict[str, tuple[Key, ...]] = {
         Key("max_waiting", inRange(parseInt, 1, 1_000_000), "10000"),
     ),
     "inbox": (
-        Key("batch_size", inRange(parseInt, 1, 10_000), "500"),
+        Key("batch_size", inRange(parseInt, 1, 10_000), "2000"),
         Key("flush_interval", inRange(parseDuration, 0, 10), "5ms"),
         Key("max_buffered", inRange(parseInt, 1, 10_000_000), "10000"),
         Key("writers", inRange(parseInt, 1, 16), "2"),
