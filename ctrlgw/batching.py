@@ -90,6 +90,13 @@ class BatchWriter(Generic[T]):
         return len(self._queue) + self._inFlight
 
     @property
+    def inFlight(self) -> int:
+        """
+        Items in the flush under way (0 when none is).
+        """
+        return self._inFlight
+
+    @property
     def full(self) -> bool:
         return len(self) >= self.maxBuffered
 

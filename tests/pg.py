@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 from pathlib import Path
@@ -134,6 +135,26 @@ class PrivatePostgres:
         self._pgserver.pg_ctl(
             ["-w", "-m", "immediate", "stop"], pgdata=self.path, user=self.server.system_user
         )
+
+    def crash(self) -> int:
+        """
+        What L{stop} does, at once: immediate mode is C{SIGQUIT} to the postmaster, which
+        is all C{pg_ctl} sends, but this lands in the reactor turn that calls it (not after
+        a process start), so a test can aim it at a statement in flight.  Returns the
+        postmaster's pid, for L{waitStopped}.
+        """
+        pid = int((self.path / "postmaster.pid").read_text().split()[0])
+        os.kill(pid, signal.SIGQUIT)
+        return pid
+
+    def waitStopped(self, pid: int, timeout: float = 30.0) -> None:
+        """
+        Block until the postmaster C{pid} (from L{crash}) has exited.
+        """
+        try:
+            psutil.Process(pid).wait(timeout)
+        except psutil.NoSuchProcess:
+            pass
 
     def start(self) -> None:
         self._pgserver.pg_ctl(

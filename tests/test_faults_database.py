@@ -157,8 +157,13 @@ class PostgresCrashTests(TestCase):
                 >= delivered + perRound, 30,
                 what="command delivery under way",
             )
+            # Aimed at an inbox statement in flight: the signal goes in the reactor turn
+            # that sees one (a flush takes a few ms; pg_ctl alone takes longer to start).
+            await waitUntil(lambda: any(w.inFlight for w in gateway.inbox.writers), 10,
+                            interval=0.001, what="an inbox flush in flight")
             crashed = reactor.seconds()
-            await deferToThread(server.stop)  # pg_ctl stop -m immediate
+            postmaster = server.crash()  # immediate mode, as pg_ctl stop -m immediate
+            await deferToThread(server.waitStopped, postmaster)
             sentAtCrash = sum(d.sent for d in devices)
             await waitUntil(lambda: not gateway.db.up, 20, what="the gateway to notice")
             # The outage lasts until another 100 messages were sent into it.
