@@ -175,7 +175,7 @@ class SimController(Protocol):
             return
         for payload in payloads:
             try:
-                frame = json.loads(payload)
+                frame = v1.loadJSON(payload)
             except ValueError:
                 self.fleet.countError("unreadable_frame")
                 continue
