@@ -177,11 +177,11 @@ def loadJSON(payload: bytes) -> Any:
         # which also names the error.
         try:
             obj, end = _scanOnce(text, 0)
+            if end == len(text):
+                return obj
         except StopIteration:
-            return _decoder.decode(text)
-        if end != len(text):
-            return _decoder.decode(text)
-        return obj
+            pass
+        return _decoder.decode(text)
     except RecursionError as e:
         raise ValueError("nested too deeply") from e
 
