@@ -37,7 +37,7 @@ log = Logger()
 
 
 # Session rows judged per reactor turn.
-_JUDGE_CHUNK = 1000
+_JUDGE_CHUNK = 500
 
 
 def takeoverChannel(schema: str) -> str:

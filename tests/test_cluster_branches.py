@@ -18,6 +18,7 @@ from types import SimpleNamespace
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
+from ctrlgw import cluster
 from ctrlgw.cluster import Cluster, takeoverChannel
 from ctrlgw.store.postgres import SessionRow
 
@@ -314,14 +315,15 @@ class ClusterBranchTests(SynchronousTestCase):
 
     def test_largeRoundInChunks(self) -> None:
         """
-        A round of more than 1,000 rows is judged in chunks, the reactor running between
+        A round of more rows than a chunk is judged in chunks, the reactor running between
         them; every chunk is judged.
         """
+        self.assertLess(cluster._JUDGE_CHUNK, 2500)
         rows = [SessionRow(f"gone-{i}", 1, INSTANCE, True) for i in range(2500)]
         self.store.rows = rows
         d = Deferred.fromCoroutine(self.cluster.reconcile())
         self.assertNoResult(d)
-        self.assertEqual(len(self.ownership.released), 1000)
+        self.assertEqual(len(self.ownership.released), cluster._JUDGE_CHUNK)
         self.clock.advance(0)
         self.assertEqual(self.successResultOf(d), (0, 2500))
         self.assertEqual(self.value("ctrlgw_reconcile_rows_total", kind="full"), 2500)
