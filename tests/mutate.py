@@ -127,6 +127,7 @@ PG = "ctrlgw/store/postgres.py"
 M3 = "ctrlgw/store/migrations/0003_command_outbox.sql"
 M5 = "ctrlgw/store/migrations/0005_outbox_order_and_names.sql"
 M6 = "ctrlgw/store/migrations/0006_revocation.sql"
+M15 = "ctrlgw/store/migrations/0015_requeue_only_what_was_sent.sql"
 OUTBOX = "tests.test_sql_guards.OutboxGuardTests"
 SESSIONS = "tests.test_sql_guards.ClaimSessionGuardTests"
 INBOX = "tests.test_sql_guards.InboxGuardTests"
@@ -248,18 +249,20 @@ SQL_MUTANTS: list[tuple[str, str, list[tuple[str, str]], str]] = [
         ("AND (c.state = 'sent' OR (c.state = 'pending' AND u.outcome = 'not_written'))",
          "AND (c.state = 'sent' OR c.state = 'pending')"),
     ], OUTBOX),
-    # The requeue trigger (migration 0003)
-    ("requeue: on a new session", M3, [
+    # The requeue trigger (migration 0003, as migration 0015 redefines it)
+    ("requeue: on a new session", M15, [
         ("AND (sent_epoch < NEW.epoch OR (NOT NEW.online AND sent_epoch = NEW.epoch));",
          "AND (NOT NEW.online AND sent_epoch = NEW.epoch);"),
     ], OUTBOX),
-    ("requeue: at the session's end", M3, [
+    ("requeue: at the session's end", M15, [
         ("AND (sent_epoch < NEW.epoch OR (NOT NEW.online AND sent_epoch = NEW.epoch));",
          "AND (sent_epoch < NEW.epoch);"),
     ], OUTBOX),
-    ("requeue: its controller", M3, [
-        ("WHERE controller_id = NEW.controller_id AND state = 'sent'", "WHERE state = 'sent'"),
+    ("requeue: its controller", M15, [
+        ("'session ended before the ack'\n        WHERE controller_id = NEW.controller_id AND state = 'sent'",
+         "'session ended before the ack'\n        WHERE state = 'sent'"),
     ], OUTBOX),
+    ("requeue: when a command was sent", M15, [("AND state = 'sent'\n    ) THEN", "AND false\n    ) THEN")], OUTBOX),
     # claim_session and claim_sessions (migration 0005)
     ("claim_session: a dead instance's session is offline", M5, [
         ("WHERE i.instance_id = current.instance_id\n          AND i.heartbeat_at > now() - p_instance_ttl);",
