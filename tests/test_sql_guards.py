@@ -15,6 +15,7 @@ import select
 from typing import Any
 
 import psycopg2
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from ctrlgw.interfaces import Fenced
@@ -252,6 +253,20 @@ class OutboxGuardTests(PostgresTestCase):
         await self.report(mine, epochs["a"], 1, TOO_LARGE)
         self.assertEqual((await self.row(other))["state"], "sent")
 
+    async def test_reportsInOneStatementEachTheirOwn(self) -> None:
+        """
+        Two reports in one statement, about two commands of one session and claim: each
+        command takes its own report's outcome, not the other's.
+        """
+        epochs = await self.start("a")
+        tooLarge, notWritten = await self.send("a"), await self.send("a")
+        self.assertEqual(len(await self.claim(epochs, maxInflight=2)), 2)
+        await self.store.unsendCommands(
+            [(tooLarge, epochs["a"], 1, TOO_LARGE), (notWritten, epochs["a"], 1, NOT_WRITTEN)]
+        )
+        self.assertEqual((await self.row(tooLarge))["state"], "failed")
+        self.assertEqual((await self.row(notWritten))["state"], "pending")
+
     async def test_reportOnlyItsSession(self) -> None:
         epochs, command = await self.sentCommand()
         row = await self.report(command, epochs["a"] + 1, 1, TOO_LARGE)
@@ -287,6 +302,56 @@ class OutboxGuardTests(PostgresTestCase):
         row = await self.report(command, epochs["a"], 1, NOT_WRITTEN)
         self.assertEqual((row["state"], row["attempts"]), ("pending", 0))
 
+    # --- the claim's conditions again on the locked rows: what committed while it waited ---
+
+    async def other(self) -> Any:
+        connection = await self.db.connect()
+        self.addCleanup(connection.close)
+        return connection
+
+    async def holdSession(self, controller: str) -> Any:
+        """
+        Another transaction holding the session row as a claim_session does.
+        """
+        holder = await self.other()
+        await holder.runOperation("BEGIN")
+        await holder.runQuery("SELECT 1 FROM sessions WHERE controller_id = %s FOR UPDATE", (controller,))
+        return holder
+
+    async def test_claimRefusedWhenTheSessionEndsWhileItWaits(self) -> None:
+        """
+        The session ends while a claim waits for its row: the claim's snapshot saw it
+        online, the row it locked is offline, and nothing is claimed.
+        """
+        epochs = await self.start("a")
+        command = await self.send("a")
+        holder = await self.holdSession("a")
+        await holder.runOperation("UPDATE sessions SET online = false WHERE controller_id = 'a'")
+        claimed = Deferred.fromCoroutine(self.claim(epochs))
+        await waitingOnLock(self, "ctrlgw_outbox_claim")
+        await holder.runOperation("COMMIT")
+        self.assertEqual(await claimed, [])
+        self.assertEqual((await self.row(command))["state"], "pending")
+
+    async def test_claimRefusedWhenResentWhileItWaits(self) -> None:
+        """
+        A command whose retry fell due is sent again while a claim waits for the
+        session's row: the command's newest version says its retry is not due, and the
+        claim leaves it.
+        """
+        epochs, command = await self.sentCommand()
+        await self.makeDue(command)
+        holder = await self.holdSession("a")
+        claimed = Deferred.fromCoroutine(self.claim(epochs))
+        await waitingOnLock(self, "ctrlgw_outbox_claim")
+        await self.db.runOperation(
+            "test", "UPDATE commands SET next_attempt_at = now() + interval '1 hour' WHERE id = %s",
+            (command,),
+        )
+        await holder.runOperation("COMMIT")
+        self.assertEqual(await claimed, [])
+        self.assertEqual((await self.row(command))["attempts"], 1)
+
     # --- the requeue trigger ---
 
     async def test_requeuedOnNewSession(self) -> None:
@@ -296,9 +361,19 @@ class OutboxGuardTests(PostgresTestCase):
         self.assertEqual((row["state"], row["detail"]), ("pending", "session ended before the ack"))
 
     async def test_notRequeuedByOtherController(self) -> None:
-        epochs, command = await self.sentCommand()
-        await self.store.claimSession("b", "main", "10.0.0.1:2")
-        await self.store.releaseSessions([("b", epochs["b"] + 1, "closed")])
+        """
+        A new session, and then the end, of another controller requeue only what was
+        sent to that controller, even when it had something sent too.
+        """
+        epochs = await self.start("a", "b")
+        command, others = await self.send("a"), await self.send("b")
+        await self.claim(epochs)
+        newEpoch = (await self.store.claimSession("b", "main", "10.0.0.1:2")).epoch
+        self.assertEqual((await self.row(others))["state"], "pending")
+        self.assertEqual((await self.row(command))["state"], "sent")
+        await self.claim({"b": newEpoch})
+        await self.store.releaseSessions([("b", newEpoch, "closed")])
+        self.assertEqual((await self.row(others))["state"], "pending")
         self.assertEqual((await self.row(command))["state"], "sent")
 
 
