@@ -210,7 +210,6 @@ class SimController(Protocol):
         self.fleet.lost(self)
 
 
-
 class _Given(Factory):
     """
     A factory for one connection that builds the protocol it was given: what
@@ -225,6 +224,7 @@ class _Given(Factory):
 
     def buildProtocol(self, addr: object) -> Protocol:
         return cast(Protocol, self.protocol)
+
 
 class Fleet:
     """

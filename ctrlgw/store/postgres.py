@@ -165,10 +165,9 @@ WHERE instance_id = %s AND online
 
 # One page of the rows whose ownership changed since a time (the index sessions_changed_at,
 # migration 5), in (changed_at, controller_id) order after the last row of the page before:
-# a claim stamps a whole batch with one changed_at.  The statement's own start time comes
-# back even when nothing changed.
-# The page's key comes back as text, which the next page's query reads back exactly: a
-# timestamp and the statement's time parsed on every row were half of what a page cost.
+# a claim stamps a whole batch with one changed_at.  The page's key comes back as text,
+# which the next page's query reads back exactly: a timestamp and the statement's time
+# parsed on every row were half of what a page cost.
 _CHANGED_SESSIONS = """
 SELECT controller_id, epoch, instance_id, online, changed_at::text
 FROM sessions
