@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -30,13 +31,29 @@ class Migration:
     sql: str
 
 
-def migrations() -> list[Migration]:
-    found = []
-    for entry in resources.files("ctrlgw.store").joinpath("migrations").iterdir():
+class DuplicateMigration(Exception):
+    """
+    Two files of the migrations folder have one version number: an install that kept a
+    file its package no longer has (a stale C{build/} reused by C{pip install .} does).
+    """
+
+
+def migrations(folder: Traversable | None = None) -> list[Migration]:
+    if folder is None:
+        folder = resources.files("ctrlgw.store").joinpath("migrations")
+    found: dict[int, Migration] = {}
+    for entry in folder.iterdir():
         match = _FILE.match(entry.name)
         if match:
-            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
-    return sorted(found, key=lambda m: m.version)
+            migration = Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8"))
+            other = found.setdefault(migration.version, migration)
+            if other is not migration:
+                first, second = sorted([other.name, migration.name])
+                raise DuplicateMigration(
+                    f"{folder}: two migrations numbered {migration.version:04d}"
+                    f" ({first}, {second}); reinstall ctrlgw from a clean tree"
+                )
+    return sorted(found.values(), key=lambda m: m.version)
 
 
 def latestVersion() -> int:
