@@ -16,8 +16,10 @@ $(VENV)/.deps: setup.cfg pyproject.toml constraints.txt
 	touch $@
 
 # ctrlgw itself, as a plain (non-editable) install: that is what twistd's plugin lookup
-# must work with.  Re-run every time so the installed copy matches the checkout.
+# must work with.  Re-run every time so the installed copy matches the checkout; build/ goes
+# first, since setuptools copies whatever it still holds (a file since renamed or removed).
 install: $(VENV)/.deps
+	rm -rf build
 	$(BIN)/pip install -q --no-deps --no-build-isolation --force-reinstall .
 
 run: install
