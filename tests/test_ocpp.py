@@ -442,6 +442,8 @@ class ConfigTests(SynchronousTestCase):
         config = parseConfig(iniText({"listener:x": {"endpoint": "tcp:0", "max_age": "2h"}}), "t")
         policy = config.listeners[0].timestampPolicy(config.timestamps)
         self.assertEqual((policy.max_age, policy.max_future), (7200.0, config.timestamps.max_future))
+        # Every connection of the listener shares the one policy.
+        self.assertIs(config.listeners[0].timestampPolicy(config.timestamps), policy)
 
 
 class WebSocketFramingTests(SynchronousTestCase):
