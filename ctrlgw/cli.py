@@ -270,8 +270,13 @@ async def _drain(ctx: Context) -> int:
     if not ctx.args.wait:
         ctx.out.write(f"instance {instance} draining\n")
         return EXIT_OK
+    # Without --stay the instance exits once drained: wait for that, or a poll that falls
+    # between the two would report it drained when it has gone.
+    waitForExit = not ctx.args.stay
     waited = 0.0
-    while (state := await ctx.store.drainState(instance)) is not None and not state[1]:
+    while (state := await ctx.store.drainState(instance)) is not None and (
+        waitForExit or not state[1]
+    ):
         if waited >= ctx.args.timeout:
             raise CommandFailed(f"instance {instance} not drained after {ctx.args.timeout:g}s")
         await deferLater(ctx.db.clock, 0.2, lambda: None)
