@@ -219,11 +219,11 @@ class _Given(Factory):
 
     noisy = False
 
-    def __init__(self, protocol: Protocol) -> None:
-        self.protocol = protocol  # type: ignore[assignment]
+    def __init__(self, given: Protocol) -> None:
+        self.given = given
 
     def buildProtocol(self, addr: object) -> Protocol:
-        return cast(Protocol, self.protocol)
+        return self.given
 
 
 class Fleet:

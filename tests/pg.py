@@ -103,6 +103,14 @@ class PostgresTestCase(TestCase):
         self.addCleanup(db.stop)
         return db
 
+    async def other(self) -> Any:
+        """
+        A connection of its own, outside the pool: a second transaction for a race.
+        """
+        connection = await self.db.connect()
+        self.addCleanup(connection.close)
+        return connection
+
     async def _dropSchema(self) -> None:
         db = Database(reactor, databaseConfig(self.schema), Metrics())
         await db.start(self.dsn)

@@ -35,11 +35,6 @@ async def waitingOnLock(test: PostgresTestCase, fragment: str) -> None:
 class OrderTests(PostgresTestCase):
     timeout = 60
 
-    async def other(self) -> Any:
-        connection = await self.db.connect()
-        self.addCleanup(connection.close)
-        return connection
-
     async def claim(self, store: Store, controller: str, epoch: int) -> list[Any]:
         return await store.claimCommands([(controller, epoch)], 1, 5, 10.0, 2.0)
 

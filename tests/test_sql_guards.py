@@ -304,11 +304,6 @@ class OutboxGuardTests(PostgresTestCase):
 
     # --- the claim's conditions again on the locked rows: what committed while it waited ---
 
-    async def other(self) -> Any:
-        connection = await self.db.connect()
-        self.addCleanup(connection.close)
-        return connection
-
     async def holdSession(self, controller: str) -> Any:
         """
         Another transaction holding the session row as a claim_session does.
@@ -500,11 +495,6 @@ class SendManyLockOrderTests(PostgresTestCase):
     """
 
     timeout = 60
-
-    async def other(self) -> Any:
-        connection = await self.db.connect()
-        self.addCleanup(connection.close)
-        return connection
 
     async def test_locksInControllerOrder(self) -> None:
         """
