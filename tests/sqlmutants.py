@@ -10,7 +10,7 @@ from __future__ import annotations
 SqlMutant = tuple[str, str, list[tuple[str, str]], str]
 
 # The SQL, which cosmic-ray does not mutate: each CASE arm and WHERE guard of the claim,
-# settle and unsend statements, claim_session, the requeue trigger and the doorbells, taken
+# settle and unsend statements, claim_sessions, the requeue trigger and the doorbells, taken
 # out (or turned), against the test class in tests/test_sql_guards.py that must catch it.
 # (name, file, [(text, replacement), ...], test); each text occurs exactly once in its file.
 # A guard written twice (once on the snapshot, once re-checked on the locked row) is taken
@@ -20,6 +20,7 @@ M3 = "ctrlgw/store/migrations/0003_command_outbox.sql"
 M5 = "ctrlgw/store/migrations/0005_outbox_order_and_names.sql"
 M6 = "ctrlgw/store/migrations/0006_revocation.sql"
 M15 = "ctrlgw/store/migrations/0015_requeue_only_what_was_sent.sql"
+M16 = "ctrlgw/store/migrations/0016_claims_as_sets.sql"
 OUTBOX = "tests.test_sql_guards.OutboxGuardTests"
 SESSIONS = "tests.test_sql_guards.ClaimSessionGuardTests"
 INBOX = "tests.test_sql_guards.InboxGuardTests"
@@ -149,36 +150,47 @@ SQL_MUTANTS: list[SqlMutant] = [
          "'session ended before the ack'\n        WHERE state = 'sent'"),
     ], OUTBOX),
     ("requeue: when a command was sent", M15, [("AND state = 'sent'\n    ) THEN", "AND false\n    ) THEN")], OUTBOX),
-    # claim_session and claim_sessions (migration 0005)
-    ("claim_session: a dead instance's session is offline", M5, [
-        ("WHERE i.instance_id = current.instance_id\n          AND i.heartbeat_at > now() - p_instance_ttl);",
-         "WHERE i.instance_id = current.instance_id);"),
+    # claim_sessions (migration 0016)
+    ("claim_sessions: a dead instance's session is offline", M16, [
+        ("WHERE i.instance_id = cur.instance_id\n                     AND i.heartbeat_at > now() - p_instance_ttl) AS was_live",
+         "WHERE i.instance_id = cur.instance_id) AS was_live"),
     ], SESSIONS),
-    ("claim_session: no previous on the first claim", M5, [("IF current.epoch <> 0 THEN", "IF true THEN")], SESSIONS),
-    ("claim_session: refuse only a takeover", M5, [
-        ("IF previous_online AND p_refuse_flapping AND current.flap_blocked_until > now() THEN",
-         "IF p_refuse_flapping AND current.flap_blocked_until > now() THEN"),
+    ("claim_sessions: no previous on the first claim", M16, [
+        ("CASE WHEN j.was_epoch <> 0 THEN j.was_instance END", "j.was_instance"),
+        ("CASE WHEN j.was_epoch <> 0 THEN j.was_epoch END", "j.was_epoch"),
     ], SESSIONS),
-    ("claim_session: refuse only if the policy says so", M5, [
-        ("IF previous_online AND p_refuse_flapping AND current.flap_blocked_until > now() THEN",
-         "IF previous_online AND current.flap_blocked_until > now() THEN"),
+    ("claim_sessions: refuse only a takeover", M16, [
+        ("cur.was_live AND p_refuse_flapping\n", "p_refuse_flapping\n"),
     ], SESSIONS),
-    ("claim_session: refuse only while blocked", M5, [
-        ("IF previous_online AND p_refuse_flapping AND current.flap_blocked_until > now() THEN",
-         "IF previous_online AND p_refuse_flapping AND current.flap_blocked_until IS NOT NULL THEN"),
+    ("claim_sessions: refuse only if the policy says so", M16, [
+        ("cur.was_live AND p_refuse_flapping\n", "cur.was_live\n"),
     ], SESSIONS),
-    ("claim_session: count takeovers only", M5, [
-        ("    IF previous_online THEN\n        IF current.flap_window_start",
-         "    IF true THEN\n        IF current.flap_window_start"),
+    ("claim_sessions: refuse only while blocked", M16, [
+        ("coalesce(cur.flap_blocked_until > now(), false)", "cur.flap_blocked_until IS NOT NULL"),
     ], SESSIONS),
-    ("claim_session: the flap window", M5, [
-        ("IF current.flap_window_start IS NULL\n           OR current.flap_window_start < now() - p_flap_window THEN",
-         "IF current.flap_window_start IS NULL THEN"),
+    ("claim_sessions: count takeovers only", M16, [
+        ("CASE WHEN NOT cur.was_live THEN cur.flap_count\n", "CASE WHEN false THEN cur.flap_count\n"),
+        ("CASE WHEN NOT cur.was_live THEN cur.flap_window_start\n",
+         "CASE WHEN false THEN cur.flap_window_start\n"),
     ], SESSIONS),
-    ("claim_session: the flap threshold", M5, [
-        ("IF current.flap_count >= p_flap_threshold THEN", "IF current.flap_count > p_flap_threshold THEN"),
+    ("claim_sessions: the flap window", M16, [
+        ("WHEN cur.flap_window_start IS NULL\n                             OR cur.flap_window_start < now() - p_flap_window THEN 1",
+         "WHEN cur.flap_window_start IS NULL THEN 1"),
+        ("WHEN cur.flap_window_start IS NULL\n                             OR cur.flap_window_start < now() - p_flap_window THEN now()",
+         "WHEN cur.flap_window_start IS NULL THEN now()"),
     ], SESSIONS),
-    ("claim_sessions: the later hello wins", M5, [("ORDER BY t.c, t.i\n", "ORDER BY t.c, t.i DESC\n")], SESSIONS),
+    ("claim_sessions: the flap threshold", M16, [
+        ("j.counted >= p_flap_threshold", "j.counted > p_flap_threshold"),
+    ], SESSIONS),
+    ("claim_sessions: a controller's first hello in the batch first", M16, [
+        ("ORDER BY t.c, t.i\n    ), present AS", "ORDER BY t.c, t.i DESC\n    ), present AS"),
+    ], SESSIONS),
+    ("claim_sessions: locks in controller order", M16, [
+        ("ORDER BY controller_id FOR UPDATE", "ORDER BY controller_id DESC FOR UPDATE"),
+    ], "tests.test_claims.ClaimSessionsTests.test_locksInControllerOrder"),
+    ("claim_sessions: the later hello wins", M16, [
+        ("row_number() OVER (PARTITION BY t.c ORDER BY t.i)", "row_number() OVER (PARTITION BY t.c ORDER BY t.i DESC)"),
+    ], SESSIONS),
     ("order_command_insert: FIFO by commit order", M5, [
         ("    PERFORM pg_advisory_xact_lock(1668246903, hashtext(NEW.controller_id));\n", ""),
     ], "tests.test_outbox_order.OrderTests.test_fifoFollowsCommitOrder"),

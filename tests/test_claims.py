@@ -17,6 +17,7 @@ from ctrlgw.batching import BatchWriter
 from ctrlgw.store.postgres import Store
 from tests.gateways import connectController, listenerPort, sample, startGateway
 from tests.pg import PostgresTestCase
+from tests.test_outbox_order import waitingOnLock
 
 
 class ClaimSessionsTests(PostgresTestCase):
@@ -40,6 +41,38 @@ class ClaimSessionsTests(PostgresTestCase):
             "test", "SELECT controller_id, epoch, peer FROM sessions ORDER BY controller_id"
         )
         self.assertEqual(rows, [("a", claims[1].epoch, "10.0.0.1:2"), ("b", claims[2].epoch, "10.0.0.1:3")])
+
+    async def test_locksInControllerOrder(self) -> None:
+        """
+        With b's row locked elsewhere, a batch for (b, a) waits for b while holding a, and
+        a later claim of a waits behind it: batches that share controllers take their row
+        locks in one order, so two of them never hold one row each while waiting for the
+        other's.  (Locked in array order, the batch would hold nothing while it waits, and
+        the claim of a would go through.)
+        """
+        store = Store(self.db, "gw-x")
+        await store.registerInstance("h", 1)
+        await store.claimSessions([("a", "main", "p"), ("b", "main", "p")])
+        holder, batch, single = await self.other(), await self.other(), await self.other()
+        await holder.runOperation("BEGIN")
+        await holder.runQuery("SELECT 1 FROM sessions WHERE controller_id = 'b' FOR UPDATE")
+
+        def claim(controllers: str, tag: str) -> str:
+            return (
+                f"SELECT count(*) FROM claim_sessions(ARRAY[{controllers}],"
+                f" ARRAY(SELECT gen_random_uuid() FROM unnest(ARRAY[{controllers}])), 'gw-x',"
+                f" ARRAY(SELECT 'main' FROM unnest(ARRAY[{controllers}])),"
+                f" ARRAY(SELECT 'p' FROM unnest(ARRAY[{controllers}])), 3, interval '1 minute',"
+                f" interval '1 minute', true, interval '30 seconds') /* {tag} */"
+            )
+
+        batchDone = batch.runQuery(claim("'b', 'a'", "batch"))
+        await waitingOnLock(self, "/* batch */")
+        singleDone = single.runQuery(claim("'a'", "single"))
+        await waitingOnLock(self, "/* single */")
+        await holder.runOperation("COMMIT")
+        self.assertEqual(await batchDone, [(2,)])
+        self.assertEqual(await singleDone, [(1,)])
 
     async def test_connectStormIsBatched(self) -> None:
         """

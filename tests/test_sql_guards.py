@@ -11,6 +11,7 @@ C{FOR KEY SHARE} / C{FOR UPDATE}) are the race tests' (C{test_store_races.py}).
 
 from __future__ import annotations
 
+import json
 import select
 from typing import Any
 
@@ -35,6 +36,29 @@ from tests.pg import PostgresTestCase
 from tests.test_outbox_order import waitingOnLock
 
 INSTANCE = "gw-a"
+
+
+def listen(dsn: str, channel: str) -> psycopg2.extensions.connection:
+    """
+    A connection of its own (blocking: call it in a thread) listening on C{channel}.
+    """
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    conn.cursor().execute(f'LISTEN "{channel}"')
+    return conn
+
+
+def payloads(conn: psycopg2.extensions.connection) -> list[str]:
+    """
+    The notifications that came, waiting up to 5 s for the first (blocking: call it in a
+    thread).
+    """
+    if not conn.notifies:
+        select.select([conn], [], [], 5.0)
+    conn.poll()
+    found = [n.payload for n in conn.notifies]
+    conn.notifies.clear()
+    return found
 ACK_TIMEOUT = 10.0
 BACKOFF = 3.0
 MAX_ATTEMPTS = 3
@@ -479,6 +503,56 @@ class ClaimSessionGuardTests(PostgresTestCase):
         )
         self.assertFalse((await store.claimSession("a", "main", "p")).refused)
 
+    async def test_batchJudgesEachHelloAsAloneItWould(self) -> None:
+        """
+        One batch of hellos, each controller in a different state, gets the answer each
+        would get claimed alone; only the sessions that were online are told to drop.
+        """
+        store = await self.store(instanceTtl=30.0)
+        theirs = Store(self.db, "gw-b", ClaimPolicy(flapThreshold=3, instanceTtl=30.0))
+        await theirs.registerInstance("h", 2)
+        gone = Store(self.db, "gw-dead", ClaimPolicy(flapThreshold=3, instanceTtl=30.0))
+        await gone.registerInstance("h", 3)
+        mine = await store.claimSession("mine", "main", "p")
+        taken = await theirs.claimSession("theirs", "main", "p")
+        dead = await gone.claimSession("dead", "main", "p")
+        await self.db.runOperation(
+            "test", "UPDATE instances SET heartbeat_at = now() - interval '1 minute'"
+            " WHERE instance_id = 'gw-dead'")
+        off = await store.claimSession("off", "main", "p")
+        await store.releaseSessions([("off", off.epoch, "closed")])
+        for _ in range(4):
+            blocked = await store.claimSession("blocked", "main", "p")
+        self.assertTrue(blocked.flapping)
+        conn = await deferToThread(listen, self.dsn, f"{self.schema}_takeover")
+        self.addCleanup(conn.close)
+
+        names = ["theirs", "new", "blocked", "dead", "off", "mine"]
+        claims = dict(zip(names, await store.claimSessions([(c, "main", "q") for c in names]),
+                          strict=True))
+
+        self.assertEqual(
+            {c: (claim.previousInstance, claim.previousEpoch, claim.previousOnline,
+                 claim.flapping, claim.refused) for c, claim in claims.items()},
+            {"theirs": ("gw-b", taken.epoch, True, False, False),
+             "new": (None, None, False, False, False),
+             "blocked": (INSTANCE, blocked.epoch, True, True, True),
+             "dead": ("gw-dead", dead.epoch, False, False, False),
+             "off": (INSTANCE, off.epoch, False, False, False),
+             "mine": (INSTANCE, mine.epoch, True, False, False)})
+        self.assertEqual(claims["blocked"].blockedUntil, blocked.blockedUntil)
+        admitted = [c for c in names if c != "blocked"]
+        epochs = [claims[c].epoch for c in admitted]
+        self.assertEqual(len(set(epochs)), len(epochs))
+        self.assertGreater(min(epochs), max(taken.epoch, dead.epoch, off.epoch, mine.epoch))
+        rows = await self.db.runQuery(
+            "test", "SELECT controller_id, epoch, instance_id, online, peer FROM sessions"
+            " ORDER BY controller_id")
+        self.assertEqual(rows, sorted([(c, claims[c].epoch, INSTANCE, True, "q") for c in admitted]
+                                      + [("blocked", blocked.epoch, INSTANCE, True, "p")]))
+        told = sorted(json.loads(p)["c"] for p in await deferToThread(payloads, conn))
+        self.assertEqual(told, ["dead", "mine", "theirs"])
+
     async def test_laterHelloInBatchWins(self) -> None:
         store = await self.store()
         claims = await store.claimSessions([("a", "main", "p1"), ("b", "main", "p"), ("a", "main", "p2")])
@@ -529,40 +603,23 @@ class DoorbellTests(PostgresTestCase):
 
     timeout = 60
 
-    def listen(self, channel: str) -> psycopg2.extensions.connection:
-        conn = psycopg2.connect(self.dsn)
-        conn.autocommit = True
-        conn.cursor().execute(f'LISTEN "{channel}"')
-        return conn
-
-    def payloads(self, conn: psycopg2.extensions.connection) -> list[str]:
-        """
-        The notifications that came, waiting up to 5 s for the first.
-        """
-        if not conn.notifies:
-            select.select([conn], [], [], 5.0)
-        conn.poll()
-        payloads = [n.payload for n in conn.notifies]
-        conn.notifies.clear()
-        return payloads
-
     async def ids(self, count: int) -> list[str]:
         # 10 bytes each, with the comma 11: 636 of them are 6,995 bytes, 637 are 7,006.
         return [f"ctrl-{i:05d}" for i in range(count)]
 
     async def test_commandsDoorbell(self) -> None:
-        conn = await deferToThread(self.listen, f"{self.schema}_commands")
+        conn = await deferToThread(listen, self.dsn, f"{self.schema}_commands")
         self.addCleanup(conn.close)
         for count, star in ((636, False), (637, True)):
             ids = await self.ids(count)
             await self.db.runQuery(
                 "test", "SELECT send_many(%s::text[], %s::jsonb[])", (ids, ["{}"] * count)
             )
-            (payload,) = await deferToThread(self.payloads, conn)
+            (payload,) = await deferToThread(payloads, conn)
             self.assertEqual(payload if star else sorted(payload.split(",")), "*" if star else ids)
 
     async def test_revokedDoorbell(self) -> None:
-        conn = await deferToThread(self.listen, f"{self.schema}_revoked")
+        conn = await deferToThread(listen, self.dsn, f"{self.schema}_revoked")
         self.addCleanup(conn.close)
         for count, star in ((636, False), (637, True)):
             ids = [f"r-{star:d}-{i[7:]}" + "x" * 3 for i in await self.ids(count)]
@@ -575,5 +632,5 @@ class DoorbellTests(PostgresTestCase):
             await self.db.runOperation(
                 "test", "UPDATE controllers SET enabled = false WHERE controller_id = ANY(%s)", (ids,)
             )
-            (payload,) = await deferToThread(self.payloads, conn)
+            (payload,) = await deferToThread(payloads, conn)
             self.assertEqual(payload if star else sorted(payload.split(",")), "*" if star else sorted(ids))
