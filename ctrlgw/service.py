@@ -52,6 +52,7 @@ from ctrlgw.partitions import PartitionJob
 from ctrlgw.protocol import messages as v1
 from ctrlgw.protocol.connection import ConnectionContext
 from ctrlgw.protocol.factory import ControllerFactory
+from ctrlgw.protocol.session import FIRST_PING_PHASE
 from ctrlgw.registry import ConnectionRegistry
 from ctrlgw.replies import Replies, repliesChannel
 from ctrlgw.revocation import Revocations
@@ -650,7 +651,7 @@ class Gateway:
             settler=self.outbox,
             metrics=self.metrics,
             maxUnacked=config.inbox.max_unacked_per_connection,
-            firstPingPhase=lambda: 0.5 + random.random() / 2,
+            firstPingPhase=lambda: FIRST_PING_PHASE + random.random() * (1 - FIRST_PING_PHASE),
             # The pongs of one slot come back together and are read in one reactor turn:
             # on a 0.5 s grid the 330 of a slot at 10,000 controllers held commands up
             # (docs/architecture.md, "Periodic work"); finer than 0.1 s costs idle CPU.

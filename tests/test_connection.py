@@ -568,7 +568,7 @@ class PingTests(ConnectionTestCase):
         """
         The first ping after the welcome comes at the context's phase of the interval
         (a fleet that reconnected at once is not pinged at once), every later one a full
-        interval after the one before; a phase outside [0.5, 1] is clamped.
+        interval after the one before; a phase outside [0.1, 1] is clamped.
         """
         self.context.firstPingPhase = lambda: 0.6
         fake, _ = self.live()
@@ -581,9 +581,9 @@ class PingTests(ConnectionTestCase):
         self.assertEqual(fake.received(), [])
         self.advance(EPS)
         self.assertFrames(fake, {"type": "ping"})
-        self.context.firstPingPhase = lambda: 0.1
+        self.context.firstPingPhase = lambda: 0.01
         other, _ = self.live("c2")
-        self.advance(PING_INTERVAL * 0.5 - EPS)
+        self.advance(PING_INTERVAL * 0.1 - EPS)
         self.assertEqual([f for f in other.received() if f["type"] == "ping"], [])
         self.advance(EPS)
         self.assertEqual(len([f for f in other.received() if f["type"] == "ping"]), 1)

@@ -245,10 +245,10 @@ class ConnectionBranchTests(SynchronousTestCase):
 
     def test_firstPingPhaseClamped(self) -> None:
         """
-        The first ping falls between half and all of ping_interval after the welcome,
+        The first ping falls between a tenth and all of ping_interval after the welcome,
         whatever the phase drawn.
         """
-        for phase, expected in ((1.7, PING_INTERVAL), (0.1, PING_INTERVAL / 2), (0.75, 7.5)):
+        for phase, expected in ((1.7, PING_INTERVAL), (0.01, PING_INTERVAL / 10), (0.75, 7.5)):
             self.setUpContext(firstPingPhase=lambda phase=phase: phase)
             fake = self.live()
             self.assertFirstPingAt(fake, self.clock.seconds() + expected)

@@ -163,6 +163,12 @@ class State(Enum):
     CLOSED = "closed"
 
 
+# The earliest phase of ping_interval at which the first ping after the welcome may fall.
+# Drawn from [0.1, 1], the first pings of a fleet that reconnected at once come at
+# 1 / 0.9 = 1.1 times the steady ping rate; from [0.5, 1] they came at twice it, for half
+# an interval, just when its commands start (docs/architecture.md, "Periodic work").
+FIRST_PING_PHASE = 0.1
+
 @dataclass
 class ConnectionContext:
     """
@@ -181,8 +187,9 @@ class ConnectionContext:
     accepting: bool = True
     # Messages one connection may have waiting for their commit before we stop reading it.
     maxUnacked: int = 1000
-    # Where in [0.5, 1] of ping_interval the first ping after the welcome falls: a fleet
-    # that reconnected at once would otherwise be pinged at once, every interval.
+    # Where in [FIRST_PING_PHASE, 1] of ping_interval the first ping after the welcome
+    # falls: a fleet that reconnected at once would otherwise be pinged at once, every
+    # interval.
     firstPingPhase: Callable[[], float] = lambda: 1.0
     # Pings fall on a grid of this many seconds (0: none), so the pings due in one slot go
     # out together (a slice per reactor turn): spread over the interval, yet batched.
@@ -494,7 +501,7 @@ class SessionProtocol(Protocol):
             loser.close(v1.BYE_TAKEOVER)
         self.state = State.LIVE
         self.welcome(session)
-        phase = min(1.0, max(0.5, ctx.firstPingPhase()))
+        phase = min(1.0, max(FIRST_PING_PHASE, ctx.firstPingPhase()))
         self._nextPing = self._onPingGrid(ctx.clock.seconds() + self.liveness.ping_interval * phase)
         self._armLive()
         ctx.settler.sessionStarted(session)
