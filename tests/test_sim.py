@@ -64,7 +64,7 @@ class FleetTests(SynchronousTestCase):
         clock.advance(EPOCH)
         network = FakeNetwork()
         opts = SimOptions(endpoints=[("10.0.0.1", 7000), ("10.0.0.2", 7000)], **options)
-        fleet = Fleet(clock, opts, random.Random(4), connect=network)
+        fleet = Fleet(clock, opts, random.Random(4), connect=network, freeze=lambda: None)
         fleet.start()
         clock.advance(0)
         return clock, network, fleet
@@ -185,8 +185,9 @@ class FleetTests(SynchronousTestCase):
         """
         clock = Clock()
         network = FakeNetwork()
+        frozen: list[int] = []
         fleet = Fleet(clock, SimOptions(endpoints=[("10.0.0.1", 7000)], controllers=450),
-                      random.Random(4), connect=network)
+                      random.Random(4), connect=network, freeze=lambda: frozen.append(len(network.dials)))
         fleet.start()
         self.assertEqual(len(network.dials), 200)
         self.assertEqual([c.getTime() for c in clock.getDelayedCalls()], [0.0], "the next slice")
@@ -194,12 +195,14 @@ class FleetTests(SynchronousTestCase):
         self.assertEqual(len(network.dials), 450)
         self.assertEqual(len({p.controller for _, p in network.dials}), 450)
         self.assertEqual(clock.getDelayedCalls(), [])
+        # What each slice dialled is frozen out of the collector's way as it is made.
+        self.assertEqual(frozen, [200, 400, 450])
 
     def test_stopCancelsTheSlicesLeft(self) -> None:
         clock = Clock()
         network = FakeNetwork()
         fleet = Fleet(clock, SimOptions(endpoints=[("10.0.0.1", 7000)], controllers=450),
-                      random.Random(4), connect=network)
+                      random.Random(4), connect=network, freeze=lambda: None)
         fleet.start()
         fleet.stop()
         clock.advance(0)
