@@ -169,6 +169,7 @@ class State(Enum):
 # an interval, just when its commands start (docs/architecture.md, "Periodic work").
 FIRST_PING_PHASE = 0.1
 
+
 @dataclass
 class ConnectionContext:
     """
