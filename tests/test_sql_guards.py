@@ -36,6 +36,9 @@ from tests.pg import PostgresTestCase
 from tests.test_outbox_order import waitingOnLock
 
 INSTANCE = "gw-a"
+ACK_TIMEOUT = 10.0
+BACKOFF = 3.0
+MAX_ATTEMPTS = 3
 
 
 def listen(dsn: str, channel: str) -> psycopg2.extensions.connection:
@@ -59,9 +62,6 @@ def payloads(conn: psycopg2.extensions.connection) -> list[str]:
     found = [n.payload for n in conn.notifies]
     conn.notifies.clear()
     return found
-ACK_TIMEOUT = 10.0
-BACKOFF = 3.0
-MAX_ATTEMPTS = 3
 
 
 class OutboxGuardTests(PostgresTestCase):
